@@ -1,0 +1,158 @@
+"""Self-attention of the ADM / IDDPM U-Net, and the only code that computes or alters its weights.
+
+``AttentionBlock`` is the official block (GroupNorm -> 1x1 conv to q,k,v -> multi-head attention ->
+1x1 ``proj_out`` -> residual). Heads are ``channels // num_head_channels`` when
+``num_head_channels`` is set, else ``num_heads``. Two qkv layouts exist (guided-diffusion
+``QKVAttentionLegacy`` / ``QKVAttention``):
+
+* legacy: the 3C qkv channels are [q_h0 k_h0 v_h0 | q_h1 k_h1 v_h1 | ...] (heads first);
+* new order: [q_h0 .. q_hH | k_h0 .. k_hH | v_h0 .. v_hH] (q, k, v first).
+
+Weights: A = softmax(q^T k / sqrt(d)) per head, rows = queries, softmax over keys in float32.
+Blocks with no request use the fused ``F.scaled_dot_product_attention`` (the same function as the
+official explicit einsum, measured in tests/test_unet_parity.py); a block with a request from the
+seam (``unet/seam.py``) does exactly what is asked and returns its map, if any, to the caller.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import GroupNorm32
+from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, OfficialCapture
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int, new_order: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B x 3C x T] -> q, k, v each [B x heads x T x d] (d = C / heads), per the block's layout."""
+    batch, width, length = qkv.shape
+    d = width // (3 * num_heads)
+    if new_order:
+        q, k, v = (t.reshape(batch, num_heads, d, length) for t in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(batch, num_heads, 3 * d, length).split(d, dim=2)
+    return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+
+
+def merge_heads(a: torch.Tensor) -> torch.Tensor:
+    """[B x heads x T x d] -> [B x (heads d) x T] (head-major channels, both layouts)."""
+    batch, heads, length, d = a.shape
+    return a.transpose(-1, -2).reshape(batch, heads * d, length)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A = softmax_keys(q k^T / sqrt(d)), [B x h x T x d] twice -> [B x h x T x T] float32.
+
+    As the official code: q and k are each scaled by d^(-1/4) before the product, and the softmax
+    runs in float32 ("more stable with f16 than dividing afterwards").
+    """
+    scale = 1.0 / math.sqrt(math.sqrt(q.shape[-1]))
+    logits = torch.einsum("bhtd,bhsd->bhts", q * scale, k * scale)
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The map the official SAG code builds (``attention_from_qkv``, SPEC.md Q1/Q2).
+
+    The qkv tensor [B x 3C x T] is cast to float32 and always split the legacy way into
+    ``num_heads`` groups (the model-wide constructor argument, not the block's heads): group g's
+    "q", "k" are the first two thirds of channels [3Cg/n, 3C(g+1)/n). Returns [B x n x T x T].
+    """
+    q, k, _ = split_heads(qkv.float(), num_heads, new_order=False)
+    return attention_weights(q, k)
+
+
+def _gaussian_blur_tokens(x: torch.Tensor, height: int, width: int, sigma: float,
+                          kernel_size: Optional[int]) -> torch.Tensor:
+    """SEG's query blur: x [B x h x T x d] viewed as a (height x width) grid per channel.
+
+    sigma = inf -> every token replaced by the mean token. Otherwise a separable Gaussian with
+    reflect padding; kernel = smallest odd integer >= 6 sigma, capped at the grid side (SEG-SDXL).
+    """
+    if math.isinf(sigma):
+        return x.mean(dim=2, keepdim=True).expand_as(x)
+    batch, heads, length, d = x.shape
+    if kernel_size is None:
+        kernel_size = math.ceil(6 * sigma)
+        kernel_size += 1 - kernel_size % 2
+        side = min(height, width)
+        kernel_size = min(kernel_size, side + 1 - side % 2)    # SEG-SDXL: capped at the grid side (+1 when even)
+    radius = kernel_size // 2
+    taps = torch.linspace(-radius, radius, kernel_size, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    grid = x.permute(0, 1, 3, 2).reshape(batch, heads * d, height, width)
+    channels = grid.shape[1]
+    grid = F.pad(grid, (radius, radius, radius, radius), mode="reflect")
+    grid = F.conv2d(grid, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    grid = F.conv2d(grid, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return grid.reshape(batch, heads, d, length).permute(0, 1, 3, 2)
+
+
+class AttentionBlock(nn.Module):
+    """x + proj_out(MultiHeadAttention(qkv(norm(x)))), x: [B x C x H x W] -> same shape."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+                 use_new_attention_order: bool = False):
+        super().__init__()
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"attention channels {channels} are not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"attention channels {channels} are not divisible by num_heads {self.num_heads}")
+        self.channels = channels
+        self.new_order = use_new_attention_order
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    @property
+    def layout(self) -> str:
+        return "new" if self.new_order else "legacy"
+
+    def _attend(self, qkv: torch.Tensor, request, height: int, width: int) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
+        """One batch (slice) through the attention op the request names. qkv [b x 3C x T]."""
+        q, k, v = split_heads(qkv, self.num_heads, self.new_order)
+        fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731  same math, no weights kept
+        if request is None:
+            return merge_heads(fused()), None
+        if isinstance(request, Capture):
+            # The map is computed explicitly; the output still comes from the fused op, so capturing
+            # never changes what the network returns (bit for bit).
+            return merge_heads(fused()), AttentionMap(attention_weights(q, k), height, width)
+        if isinstance(request, OfficialCapture):
+            return merge_heads(fused()), AttentionMap(official_sag_map(qkv, request.num_heads), height, width)
+        if isinstance(request, IdentityAttention):
+            return merge_heads(v), None                      # A = I: each token keeps its own value
+        if isinstance(request, BlurQueries):
+            q = _gaussian_blur_tokens(q, height, width, request.sigma, request.kernel_size)
+            return merge_heads(F.scaled_dot_product_attention(q, k, v)), None
+        raise TypeError(f"unknown attention request {request!r}")
+
+    def forward(self, x: torch.Tensor, request=None) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
+        batch, channels, height, width = x.shape
+        assert channels == self.channels, f"AttentionBlock expects {self.channels} channels, got {channels}"
+        x_flat = x.reshape(batch, channels, height * width)
+        qkv = self.qkv(self.norm(x_flat))                                        # [B x 3C x T]
+        samples = getattr(request, "samples", None)
+        if samples is None or samples == slice(None):
+            a, attention_map = self._attend(qkv, request, height, width)
+        else:
+            start, stop, step = samples.indices(batch)
+            assert step == 1, "attention requests take a contiguous slice of the batch"
+            parts: List[torch.Tensor] = []
+            if start > 0:
+                parts.append(self._attend(qkv[:start], None, height, width)[0])
+            a_sel, attention_map = self._attend(qkv[start:stop], request, height, width)
+            parts.append(a_sel)
+            if stop < batch:
+                parts.append(self._attend(qkv[stop:], None, height, width)[0])
+            a = torch.cat(parts, dim=0)
+        h = self.proj_out(a.to(qkv.dtype))
+        return (x_flat + h).reshape(batch, channels, height, width), attention_map
