@@ -9,9 +9,12 @@
 * new order: [q_h0 .. q_hH | k_h0 .. k_hH | v_h0 .. v_hH] (q, k, v first).
 
 Weights: A = softmax(q^T k / sqrt(d)) per head, rows = queries, softmax over keys in float32.
-Blocks with no request use the fused ``F.scaled_dot_product_attention`` (the same function as the
-official explicit einsum, measured in tests/test_unet_parity.py); a block with a request from the
-seam (``unet/seam.py``) does exactly what is asked and returns its map, if any, to the caller.
+By default every block runs the explicit official einsums in the official tensor layout, which is
+bit-identical to the official U-Net (tests/test_unet_parity.py). ``UNet.use_fused_attention(True)``
+switches blocks without a capture request to ``F.scaled_dot_product_attention``: the same function
+up to float rounding (~2e-6 on the fixtures, which the 1/sqrt(abar) factor of x0 amplifies at
+high noise) and no T x T matrix in memory; the bench measures what it buys. A block with a
+request from the seam (``unet/seam.py``) does what is asked and returns its map, if any.
 """
 from __future__ import annotations
 
@@ -27,31 +30,45 @@ from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, Officia
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int, new_order: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [B x 3C x T] -> q, k, v each [B x heads x T x d] (d = C / heads), per the block's layout."""
+    """qkv [B x 3C x T] -> q, k, v each [(B heads) x d x T] (d = C / heads), per the block's layout.
+
+    This is the official tensor layout; keeping it (and the official einsums below) makes the
+    default path bit-identical to guided-diffusion's ``QKVAttentionLegacy`` / ``QKVAttention``.
+    """
     batch, width, length = qkv.shape
     d = width // (3 * num_heads)
     if new_order:
-        q, k, v = (t.reshape(batch, num_heads, d, length) for t in qkv.chunk(3, dim=1))
+        q, k, v = (t.reshape(batch * num_heads, d, length) for t in qkv.chunk(3, dim=1))
     else:
-        q, k, v = qkv.reshape(batch, num_heads, 3 * d, length).split(d, dim=2)
-    return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        q, k, v = qkv.reshape(batch * num_heads, 3 * d, length).split(d, dim=1)
+    return q, k, v
 
 
-def merge_heads(a: torch.Tensor) -> torch.Tensor:
-    """[B x heads x T x d] -> [B x (heads d) x T] (head-major channels, both layouts)."""
-    batch, heads, length, d = a.shape
-    return a.transpose(-1, -2).reshape(batch, heads * d, length)
+def merge_heads(a: torch.Tensor, batch: int) -> torch.Tensor:
+    """[(B heads) x d x T] -> [B x (heads d) x T] (head-major channels, both layouts)."""
+    return a.reshape(batch, -1, a.shape[-1])
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """A = softmax_keys(q k^T / sqrt(d)), [B x h x T x d] twice -> [B x h x T x T] float32.
+    """A = softmax_keys(q^T k / sqrt(d)): [(B h) x d x T] twice -> [(B h) x T x T] float32.
 
-    As the official code: q and k are each scaled by d^(-1/4) before the product, and the softmax
-    runs in float32 ("more stable with f16 than dividing afterwards").
+    As the official code: q and k are each scaled by d^(-1/4) before the product ("more stable
+    with f16 than dividing afterwards"), and the softmax runs in float32.
     """
-    scale = 1.0 / math.sqrt(math.sqrt(q.shape[-1]))
-    logits = torch.einsum("bhtd,bhsd->bhts", q * scale, k * scale)
+    scale = 1.0 / math.sqrt(math.sqrt(q.shape[1]))
+    logits = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     return torch.softmax(logits.float(), dim=-1)
+
+
+def attend(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """a_t = sum_s A_ts v_s: [(B h) x T x S], [(B h) x d x S] -> [(B h) x d x T]."""
+    return torch.einsum("bts,bcs->bct", weights.type(v.dtype), v)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same function through ``F.scaled_dot_product_attention`` (no T x T matrix kept):
+    [(B h) x d x T] -> [(B h) x d x T]. Equal to the explicit path to ~2e-6 on the fixtures."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -62,34 +79,34 @@ def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     "q", "k" are the first two thirds of channels [3Cg/n, 3C(g+1)/n). Returns [B x n x T x T].
     """
     q, k, _ = split_heads(qkv.float(), num_heads, new_order=False)
-    return attention_weights(q, k)
+    weights = attention_weights(q, k)
+    return weights.reshape(qkv.shape[0], num_heads, *weights.shape[1:])
 
 
-def _gaussian_blur_tokens(x: torch.Tensor, height: int, width: int, sigma: float,
+def _gaussian_blur_tokens(q: torch.Tensor, batch: int, height: int, width: int, sigma: float,
                           kernel_size: Optional[int]) -> torch.Tensor:
-    """SEG's query blur: x [B x h x T x d] viewed as a (height x width) grid per channel.
+    """SEG's query blur: q [(B h) x d x T] viewed per channel as a (height x width) grid.
 
     sigma = inf -> every token replaced by the mean token. Otherwise a separable Gaussian with
     reflect padding; kernel = smallest odd integer >= 6 sigma, capped at the grid side (SEG-SDXL).
     """
     if math.isinf(sigma):
-        return x.mean(dim=2, keepdim=True).expand_as(x)
-    batch, heads, length, d = x.shape
+        return q.mean(dim=2, keepdim=True).expand_as(q)
     if kernel_size is None:
         kernel_size = math.ceil(6 * sigma)
         kernel_size += 1 - kernel_size % 2
         side = min(height, width)
         kernel_size = min(kernel_size, side + 1 - side % 2)    # SEG-SDXL: capped at the grid side (+1 when even)
     radius = kernel_size // 2
-    taps = torch.linspace(-radius, radius, kernel_size, device=x.device, dtype=torch.float32)
+    taps = torch.linspace(-radius, radius, kernel_size, device=q.device, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    grid = x.permute(0, 1, 3, 2).reshape(batch, heads * d, height, width)
+    kernel = (kernel / kernel.sum()).to(q.dtype)
+    grid = q.reshape(batch, -1, height, width)
     channels = grid.shape[1]
     grid = F.pad(grid, (radius, radius, radius, radius), mode="reflect")
     grid = F.conv2d(grid, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
     grid = F.conv2d(grid, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return grid.reshape(batch, heads, d, length).permute(0, 1, 3, 2)
+    return grid.reshape(q.shape)
 
 
 class AttentionBlock(nn.Module):
@@ -111,29 +128,31 @@ class AttentionBlock(nn.Module):
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
+        self.fused = False   # set by UNet.use_fused_attention(); a construction-time choice, never per call
 
     @property
     def layout(self) -> str:
         return "new" if self.new_order else "legacy"
 
     def _attend(self, qkv: torch.Tensor, request, height: int, width: int) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
-        """One batch (slice) through the attention op the request names. qkv [b x 3C x T]."""
+        """One batch (slice) through the attention op the request names. qkv [b x 3C x T] -> [b x C x T]."""
+        batch = qkv.shape[0]
         q, k, v = split_heads(qkv, self.num_heads, self.new_order)
-        fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731  same math, no weights kept
-        if request is None:
-            return merge_heads(fused()), None
-        if isinstance(request, Capture):
-            # The map is computed explicitly; the output still comes from the fused op, so capturing
-            # never changes what the network returns (bit for bit).
-            return merge_heads(fused()), AttentionMap(attention_weights(q, k), height, width)
-        if isinstance(request, OfficialCapture):
-            return merge_heads(fused()), AttentionMap(official_sag_map(qkv, request.num_heads), height, width)
         if isinstance(request, IdentityAttention):
-            return merge_heads(v), None                      # A = I: each token keeps its own value
+            return merge_heads(v, batch), None                 # A = I: each token keeps its own value
         if isinstance(request, BlurQueries):
-            q = _gaussian_blur_tokens(q, height, width, request.sigma, request.kernel_size)
-            return merge_heads(F.scaled_dot_product_attention(q, k, v)), None
-        raise TypeError(f"unknown attention request {request!r}")
+            q = _gaussian_blur_tokens(q, batch, height, width, request.sigma, request.kernel_size)
+        attention_map = None
+        if self.fused and not isinstance(request, Capture):
+            a = fused_attention(q, k, v)
+        else:
+            weights = attention_weights(q, k)                # [(b h) x T x T] float32
+            a = attend(weights, v)
+            if isinstance(request, Capture):
+                attention_map = AttentionMap(weights.reshape(batch, self.num_heads, *weights.shape[1:]), height, width)
+        if isinstance(request, OfficialCapture):
+            attention_map = AttentionMap(official_sag_map(qkv, request.num_heads), height, width)
+        return merge_heads(a, batch), attention_map
 
     def forward(self, x: torch.Tensor, request=None) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
         batch, channels, height, width = x.shape

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionBlock, merge_heads, split_heads
+from .attention import AttentionBlock, attend, attention_weights, merge_heads, split_heads
 from .config import EncoderUNetConfig
 from .layers import Downsample, GroupNorm32, ResBlock
 from .model import MiddleBlock, TimeEmbedding, UNetBlock
@@ -43,7 +43,7 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)             # [B x C x (T+1)]
         x = x + self.positional_embedding[None].to(x.dtype)
         q, k, v = split_heads(self.qkv_proj(x), self.num_heads, new_order=True)
-        x = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        x = merge_heads(attend(attention_weights(q, k), v), batch)
         return self.c_proj(x)[:, :, 0]
 
 

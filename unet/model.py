@@ -148,6 +148,17 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm32(ch)
         self.out_conv = nn.Conv2d(input_ch, c.out_channels, 3, padding=1)
 
+    def use_fused_attention(self, enabled: bool = True) -> "UNet":
+        """Run blocks without a capture request through ``F.scaled_dot_product_attention``.
+
+        Default off: the explicit official einsums are bit-identical to the official U-Net; the fused
+        kernel equals them to float rounding and saves the T x T matrices (see unet/attention.py).
+        """
+        for module in self.modules():
+            if isinstance(module, AttentionBlock):
+                module.fused = bool(enabled)
+        return self
+
     # -- the attention seam -------------------------------------------------------------------
 
     def _attention_modules(self):

@@ -1,0 +1,245 @@
+"""Loading the official checkpoints (and our own format) into our modules.
+
+``load_official(path, flags)`` is the compatibility entry point: ``flags`` are the official script
+flags (guided-diffusion / improved-diffusion / SAG names and meanings); flags not given take the
+official defaults, or the preset's when the file is recognised; an unknown flag is an error. Every
+load is ``torch.load(weights_only=True)`` (``safe_load``) and every failure is one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from diffusion import DiffusionConfig, GaussianDiffusion
+from unet import ConfigError, EncoderUNet, EncoderUNetConfig, UNet, UNetConfig
+
+from .errors import CheckpointError, FlagError
+from .flags import (classifier_config_from_flags, diffusion_config_from_flags, resolve_flags,
+                    sag_settings_from_flags, unet_config_from_flags)
+from .inspect_official import diagnose_classifier_mismatch, diagnose_mismatch, infer_structure
+from .keymap import KeyMismatch, official_to_ours, ours_to_official
+from .presets import Preset, candidates_for, resolve_preset_name
+from .safe_load import load_state_dict
+
+FORMAT_TAG = "sag-checkpoint"
+FORMAT_VERSION = 1
+SAG_FLAGS = ("guide_scale", "guide_start", "blur_sigma", "sel_attn_block", "sel_attn_depth")
+
+
+@dataclass
+class LoadedModel:
+    """A diffusion U-Net ready to sample: ``model`` (eval mode), ``diffusion`` (respaced per the
+    flags), ``guidance`` (SAG settings, or None when SAG is off), and where they came from."""
+    model: UNet
+    diffusion: GaussianDiffusion
+    guidance: Optional[Any]
+    flags: Dict[str, Any] = field(default_factory=dict)
+    preset: Optional[Preset] = None
+
+    @property
+    def diffusion_config(self) -> DiffusionConfig:
+        return self.diffusion.config
+
+
+@dataclass
+class LoadedClassifier:
+    """The ADM noisy-image classifier; calling it calls the model (logits [B x classes])."""
+    model: EncoderUNet
+    flags: Dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.model(x, timesteps)
+
+
+def _guidance_from_flags(resolved, given: Mapping[str, Any]):
+    """SAG settings when the flags ask for SAG (any SAG flag given) with a non-zero scale, else None.
+
+    ``--guide_scale 1.0`` is the official "no guidance": the official code still runs a second
+    pass whose result equals eps up to rounding (SPEC.md Q9); we skip it.
+
+    PAG (the PAG repo's ``--guidance_strategies '{"attention_mask_identity": [start, end]}'``)
+    comes first: a ``PAGConfig`` with s = ``--guide_scale`` - 1, the sites of ``--drop_layers``
+    (names that are no attention block raise one line listing the valid ones, where the official
+    code silently ignores them) and the inclusive step range. Only the exact identity exists here:
+    ``--noise_scale`` (the drop rate the official code really uses) below 1, random layer choice
+    and other strategy modes raise one line. PAG's ``--guide_scale 1.0`` is "off" (None), as for SAG.
+    """
+    from sag.guidance import SAGConfig
+    from sag.perturbed import PAGConfig
+    from .flags import pag_settings_from_flags
+    strategies = resolved.values.get("guidance_strategies") or {}
+    unsupported = sorted(set(strategies) - {"attention_mask_identity", "sag"})
+    if unsupported:   # attention_drop / attention_mask / attention_blur ...: refuse rather than run unguided
+        raise FlagError(f"--guidance_strategies modes {unsupported} are not supported; "
+                        "use {\"attention_mask_identity\": [start, end]} (PAG)")
+    pag = pag_settings_from_flags(resolved)
+    if pag is not None:
+        if pag["drop_rate"] != 1.0:
+            raise FlagError(f"--noise_scale {pag['drop_rate']} asks for random partial attention masking; "
+                            "only the identity perturbation (--noise_scale 1.0) is supported")
+        if pag["random_layer"]:
+            raise FlagError("--drop_layer_randomly True is not supported: PAG perturbs every --drop_layers block at once")
+        if pag["other_strategies"]:
+            raise FlagError(f"--guidance_strategies modes {sorted(pag['other_strategies'])} are not supported "
+                            "next to attention_mask_identity; use only {\"attention_mask_identity\": [start, end]}")
+        if pag["scale"] == 0:
+            return None
+        return PAGConfig(scale=pag["scale"], sites=tuple(pag["sites"]), step_range=tuple(pag["step_range"]))
+    settings = sag_settings_from_flags(resolved)
+    if settings is None or not (any(name in given for name in SAG_FLAGS) or "step_range" in settings):
+        return None
+    if settings["scale"] == 0:
+        return None
+    guide_start = settings["guide_start"]
+    if settings.get("step_range") is not None:
+        # The PAG repo's {"sag": [start, end]} runs SAG iff start >= t >= end; our guide_start
+        # (official SAG meaning: guide_start > t) expresses the ranges that reach the last step.
+        start, end = settings["step_range"]
+        if end != 0:
+            raise FlagError(f"--guidance_strategies sag window [{start}, {end}] stops before the last step; "
+                            "only windows ending at 0 are supported")
+        guide_start = start + 1
+    return SAGConfig(scale=settings["scale"], blur_sigma=settings["blur_sigma"], site=settings["site"],
+                     guide_start=guide_start, map_mode=settings.get("map_mode", "official"),
+                     official_num_heads=settings["official_num_heads"])
+
+
+def _state_and_flags(checkpoint_path, flags, preset):
+    state = load_state_dict(checkpoint_path)
+    given = dict(flags or {})
+    found = None
+    if preset is not None:
+        found = resolve_preset_name(preset)
+    elif not any(k in given for k in ("num_channels", "image_size", "classifier_width")):
+        candidates = candidates_for(state)
+        found = candidates[0] if candidates else None
+    merged = dict(found.official_flags) if found is not None else {}
+    merged.update(given)
+    return state, given, merged, found
+
+
+def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *, family: Optional[str] = None,
+                  preset: Optional[str] = None, device="cpu") -> LoadedModel:
+    """Load an official guided-diffusion / improved-diffusion checkpoint with the official flags.
+
+    Structural flags the file reveals are checked against it; a mismatch raises one line naming
+    the flag most likely wrong (e.g. 6 output channels -> ``--learn_sigma True``).
+    """
+    state, given, merged, found = _state_and_flags(checkpoint_path, flags, preset)
+    kind = infer_structure(state).get("kind")
+    if kind == "classifier":
+        raise CheckpointError(f"{checkpoint_path} is a classifier checkpoint; load it with load_official_classifier")
+    if family is None and found is not None and not given:
+        family = found.family
+    resolved = resolve_flags(merged, family)
+    try:
+        unet_config = unet_config_from_flags(resolved)
+        diffusion_config = diffusion_config_from_flags(resolved)
+    except ConfigError as err:
+        raise FlagError(str(err)) from None
+    problem = diagnose_mismatch(state, unet_config)
+    if problem:
+        raise CheckpointError(f"{checkpoint_path}: {problem}")
+    model = UNet(unet_config)
+    try:
+        model.load_state_dict(official_to_ours(model, state))
+    except KeyMismatch as err:
+        raise CheckpointError(f"{checkpoint_path}: {err}") from None
+    model.eval().to(device)
+    return LoadedModel(model, GaussianDiffusion.from_config(diffusion_config), _guidance_from_flags(resolved, given),
+                       dict(resolved.values), found)
+
+
+def load_official_classifier(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *, device="cpu") -> LoadedClassifier:
+    """Load an official ADM classifier (``*_classifier.pt``) with the ``classifier_*`` flags."""
+    state, given, merged, found = _state_and_flags(checkpoint_path, flags, None)
+    kind = infer_structure(state).get("kind")
+    if kind not in (None, "classifier"):
+        raise CheckpointError(f"{checkpoint_path} is not a classifier checkpoint (looks like: {kind}); use load_official")
+    resolved = resolve_flags(merged, "guided")
+    try:
+        config = classifier_config_from_flags(resolved)
+    except ConfigError as err:
+        raise FlagError(str(err)) from None
+    problem = diagnose_classifier_mismatch(state, config)
+    if problem:
+        raise CheckpointError(f"{checkpoint_path}: {problem}")
+    model = EncoderUNet(config)
+    try:
+        model.load_state_dict(official_to_ours(model, state))
+    except KeyMismatch as err:
+        raise CheckpointError(f"{checkpoint_path}: {err}") from None
+    return LoadedClassifier(model.eval().to(device), dict(resolved.values))
+
+
+# -- our own format ----------------------------------------------------------------------------
+
+def save_checkpoint(path, loaded: LoadedModel) -> None:
+    """One ``torch.save`` of plain data (loads with ``weights_only=True``), written atomically:
+    format tag and version, model / diffusion configs, recommended guidance, state dict (our names)."""
+    payload = {
+        "format": FORMAT_TAG, "version": FORMAT_VERSION,
+        "model_config": dataclasses.asdict(loaded.model.config),
+        "diffusion_config": dataclasses.asdict(loaded.diffusion.config),
+        "guidance": _guidance_record(loaded.guidance),
+        "preset": loaded.preset.name if loaded.preset is not None else None,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()},
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _guidance_methods():
+    from sag.guidance import SAGConfig
+    from sag.perturbed import PAGConfig, SEGConfig
+    return {"sag": SAGConfig, "pag": PAGConfig, "seg": SEGConfig}
+
+
+def _guidance_record(guidance) -> Optional[dict]:
+    """Recommended guidance as plain data: {"method": "sag" | "pag" | "seg", **fields}."""
+    if guidance is None:
+        return None
+    for method, cls in _guidance_methods().items():
+        if type(guidance) is cls:
+            return {"method": method, **dataclasses.asdict(guidance)}
+    raise CheckpointError(f"cannot store guidance of type {type(guidance).__name__} in a sag checkpoint")
+
+
+def _guidance_from_record(record):
+    if not record:
+        return None
+    record = dict(record)
+    cls = _guidance_methods().get(record.pop("method", "sag"))
+    if cls is None:
+        raise CheckpointError(f"unknown guidance method in checkpoint: {record!r}")
+    for name, value in record.items():
+        if isinstance(value, list):
+            record[name] = tuple(value)
+    return cls(**record)
+
+
+def is_our_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT_TAG
+
+
+def load_checkpoint(path, *, device="cpu", timestep_respacing: Optional[str] = None) -> LoadedModel:
+    """Load our own format (see :func:`save_checkpoint`)."""
+    from .safe_load import load_payload
+    payload = load_payload(path)
+    if not is_our_checkpoint(payload):
+        raise CheckpointError(f"{path} is not a sag checkpoint (no '{FORMAT_TAG}' tag); load official files with load_official")
+    if payload.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has sag checkpoint version {payload.get('version')}; this sag reads version {FORMAT_VERSION}")
+    model = UNet(UNetConfig(**payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])
+    diffusion_config = DiffusionConfig(**payload["diffusion_config"])
+    if timestep_respacing is not None:
+        diffusion_config = dataclasses.replace(diffusion_config, timestep_respacing=timestep_respacing)
+    guidance = _guidance_from_record(payload.get("guidance"))
+    return LoadedModel(model.eval().to(device), GaussianDiffusion.from_config(diffusion_config), guidance, {}, None)

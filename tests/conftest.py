@@ -1,0 +1,37 @@
+"""Shared helpers: the official fixtures (tests/fixtures/official), loaded through the public API."""
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+torch.set_num_threads(2)   # the fixtures were recorded with 2 intra-op threads
+
+
+@lru_cache(maxsize=None)
+def reference(case: str) -> dict:
+    return torch.load(FIXTURES / case / "reference.pt", weights_only=True)
+
+
+@lru_cache(maxsize=None)
+def official_flags(case: str) -> dict:
+    return json.loads((FIXTURES / case / "config.json").read_text())["official_flags"]
+
+
+def load_case(case: str, **overrides):
+    """``load_official`` on a fixture's model.pt with its recorded official flags (+ overrides)."""
+    from checkpoints_convert import load_official
+    flags = dict(official_flags(case), **overrides)
+    return load_official(FIXTURES / case / "model.pt", flags)
+
+
+def max_err(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture
+def fixtures_dir():
+    return FIXTURES
