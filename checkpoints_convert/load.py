@@ -55,6 +55,17 @@ class LoadedClassifier:
         return self.model(x, timesteps)
 
 
+def _preset_guidance(preset: Optional[Preset]):
+    """The SAG README's recommended settings for a recognised file (official map mode), guiding
+    every step (the README's commands set --guide_start to the number of sampling steps)."""
+    from sag.guidance import SAGConfig
+    if preset is None or not preset.sag:
+        return None
+    rec = preset.sag
+    return SAGConfig(scale=rec["scale"], blur_sigma=rec["blur_sigma"], site=rec["site"], guide_start=None,
+                     map_mode=rec.get("map_mode", "official"), official_num_heads=rec.get("official_num_heads", 4))
+
+
 def _guidance_from_flags(resolved, given: Mapping[str, Any]):
     """SAG settings when the flags ask for SAG (any SAG flag given) with a non-zero scale, else None.
 
@@ -128,6 +139,10 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
 
     Structural flags the file reveals are checked against it; a mismatch raises one line naming
     the flag most likely wrong (e.g. 6 output channels -> ``--learn_sigma True``).
+
+    ``.guidance``: SAG (official map mode) when SAG flags are given with g != 1; PAG for the PAG
+    repository's ``--guidance_strategies``; with no guidance flags, the SAG README's recommended
+    settings for a recognised released file (``--preset`` or detection), else None.
     """
     state, given, merged, found = _state_and_flags(checkpoint_path, flags, preset)
     kind = infer_structure(state).get("kind")
@@ -150,8 +165,11 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
     except KeyMismatch as err:
         raise CheckpointError(f"{checkpoint_path}: {err}") from None
     model.eval().to(device)
-    return LoadedModel(model, GaussianDiffusion.from_config(diffusion_config), _guidance_from_flags(resolved, given),
-                       dict(resolved.values), found)
+    guidance = _guidance_from_flags(resolved, given)
+    if guidance is None and found is not None and not any(
+            name in given for name in SAG_FLAGS + ("guidance_strategies", "drop_layers")):
+        guidance = _preset_guidance(found)       # no guidance flags given: the preset's recommendation
+    return LoadedModel(model, GaussianDiffusion.from_config(diffusion_config), guidance, dict(resolved.values), found)
 
 
 def load_official_classifier(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *, device="cpu") -> LoadedClassifier:

@@ -98,3 +98,14 @@ def test_converter_cli(tmp_path, capsys):
     assert convert_main([str(FIXTURES / "adm_uncond" / "model.pt"), str(tmp_path / "x.pt"), "--learn_sigma", "False",
                          "--num_channels", "32"]) == 2
     assert "sag-checkpoint" not in capsys.readouterr().out and not (tmp_path / "x.pt").exists()
+
+
+def test_a_recognised_file_gets_the_readme_sag_settings():
+    """The released files are GBs, so detection itself is tested on meta-tensor state dicts in
+    test_convert_presets.py; here: what a recognised file's guidance becomes with no SAG flags."""
+    from checkpoints_convert.load import _preset_guidance
+    from checkpoints_convert.presets import PRESETS
+    g = _preset_guidance(PRESETS["256x256_diffusion_uncond"])
+    assert (g.scale, g.blur_sigma, g.site, g.map_mode, g.official_num_heads) == (0.5, 9.0, "output.2", "official", 4)
+    assert g.guide_start is None
+    assert _preset_guidance(PRESETS["64x64_diffusion"]) is None   # the SAG README gives no settings for it
