@@ -6,6 +6,8 @@ setup(
     description="Self-Attention Guidance (Hong et al., ICCV 2023) and its siblings for the OpenAI ADM / IDDPM U-Nets, in pure PyTorch",
     packages=find_packages(include=["sag", "sag.*", "unet", "unet.*", "diffusion", "diffusion.*",
                                     "checkpoints_convert", "checkpoints_convert.*"]),
+    package_data={"sag": ["assets/*"]},
+    include_package_data=True,
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "pillow", "tqdm", "scipy"],
     extras_require={"test": ["pytest"]},

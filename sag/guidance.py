@@ -121,6 +121,8 @@ def run_model(model, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Ten
 
     Returns ``(MeanVariance, attention_maps)``; x [B x C x H x W], t [B] (long).
     """
+    if getattr(model, "label_embed", True) is None:
+        y = None       # labels may exist for the classifier alone (unconditional U-Net + classifier guidance)
     out = model(x, diffusion.model_timesteps(t), y, attention=attention)
     return diffusion.p_mean_variance(out.output, x, t, clip_denoised=clip_denoised), out.attention_maps
 
