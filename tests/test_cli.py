@@ -369,12 +369,14 @@ def test_half_precision_needs_cuda(capsys, tmp_path):
 
 
 def test_module_entry_point_error_is_one_line(tmp_path):
-    """``python -m sag.sample`` runs sag/sample.py: one stderr line and status 2 without a checkpoint."""
+    """``python -m sag.sample`` runs sag/sample.py: one stderr line and status 2 for a missing checkpoint."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "sag.sample", "--out", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    missing = tmp_path / "missing.pt"
+    proc = subprocess.run([sys.executable, "-m", "sag.sample", "--model_path", str(missing), "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"sag-sample: error: {NO_MODEL_MESSAGE}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sag-sample: error: ") and "missing.pt" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
