@@ -133,6 +133,20 @@ def _state_and_flags(checkpoint_path, flags, preset):
     return state, given, merged, found
 
 
+def _build_and_load(cls, config, state, checkpoint_path, diagnose, device):
+    """Build ``cls(config)`` and load an official state dict into it: first the one-line diagnosis
+    of the flag most likely wrong, then the key map (every key consumed once, shapes checked)."""
+    problem = diagnose(state, config)
+    if problem:
+        raise CheckpointError(f"{checkpoint_path}: {problem}")
+    model = cls(config)
+    try:
+        model.load_state_dict(official_to_ours(model, state))
+    except KeyMismatch as err:
+        raise CheckpointError(f"{checkpoint_path}: {err}") from None
+    return model.eval().to(device)
+
+
 def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *, family: Optional[str] = None,
                   preset: Optional[str] = None, device="cpu") -> LoadedModel:
     """Load an official guided-diffusion / improved-diffusion checkpoint with the official flags.
@@ -156,15 +170,7 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
         diffusion_config = diffusion_config_from_flags(resolved)
     except ConfigError as err:
         raise FlagError(str(err)) from None
-    problem = diagnose_mismatch(state, unet_config)
-    if problem:
-        raise CheckpointError(f"{checkpoint_path}: {problem}")
-    model = UNet(unet_config)
-    try:
-        model.load_state_dict(official_to_ours(model, state))
-    except KeyMismatch as err:
-        raise CheckpointError(f"{checkpoint_path}: {err}") from None
-    model.eval().to(device)
+    model = _build_and_load(UNet, unet_config, state, checkpoint_path, diagnose_mismatch, device)
     guidance = _guidance_from_flags(resolved, given)
     if guidance is None and found is not None and not any(
             name in given for name in SAG_FLAGS + ("guidance_strategies", "drop_layers")):
@@ -183,15 +189,8 @@ def load_official_classifier(checkpoint_path, flags: Optional[Mapping[str, Any]]
         config = classifier_config_from_flags(resolved)
     except ConfigError as err:
         raise FlagError(str(err)) from None
-    problem = diagnose_classifier_mismatch(state, config)
-    if problem:
-        raise CheckpointError(f"{checkpoint_path}: {problem}")
-    model = EncoderUNet(config)
-    try:
-        model.load_state_dict(official_to_ours(model, state))
-    except KeyMismatch as err:
-        raise CheckpointError(f"{checkpoint_path}: {err}") from None
-    return LoadedClassifier(model.eval().to(device), dict(resolved.values))
+    model = _build_and_load(EncoderUNet, config, state, checkpoint_path, diagnose_classifier_mismatch, device)
+    return LoadedClassifier(model, dict(resolved.values))
 
 
 # -- our own format ----------------------------------------------------------------------------

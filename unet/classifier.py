@@ -11,16 +11,14 @@ Heads (official ``--classifier_pool``):
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import AttentionBlock, attend, attention_weights, merge_heads, split_heads
 from .config import EncoderUNetConfig
-from .layers import Downsample, GroupNorm32, ResBlock
-from .model import MiddleBlock, TimeEmbedding, UNetBlock
+from .layers import GroupNorm32
+from .model import MiddleBlock, TimeEmbedding, build_encoder
 
 
 class AttentionPool2d(nn.Module):
@@ -56,31 +54,12 @@ class EncoderUNet(nn.Module):
         emb_channels = 4 * c.model_channels
         heads = dict(num_heads=c.num_heads, num_head_channels=c.num_head_channels,
                      use_new_attention_order=c.use_new_attention_order)
-        attention_factors = {c.image_size // r for r in c.attention_resolutions}
-        res = lambda cin, cout, resample=None: ResBlock(  # noqa: E731
-            cin, emb_channels, c.dropout, cout, c.use_scale_shift_norm, resample)
-
         self.time_embed = TimeEmbedding(c.model_channels)
-        ch = int(c.channel_mult[0] * c.model_channels)
-        self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
-        encoder: List[UNetBlock] = []
-        feature_size = ch
-        factor = 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                width = int(mult * c.model_channels)
-                attn = AttentionBlock(width, **heads) if factor in attention_factors else None
-                encoder.append(UNetBlock(res=res(ch, width), attn=attn))
-                ch = width
-                feature_size += ch
-            if level != len(c.channel_mult) - 1:
-                down = res(ch, ch, "down") if c.resblock_updown else Downsample(ch, c.conv_resample)
-                encoder.append(UNetBlock(resample=down))
-                feature_size += ch
-                factor *= 2
+        res, self.input_conv, encoder, skip_channels, ch, factor = build_encoder(c, emb_channels)
         self.encoder = nn.ModuleList(encoder)
+        feature_size = sum(skip_channels)             # spatial means after every encoder block ...
         self.middle = MiddleBlock(res(ch, ch), AttentionBlock(ch, **heads), res(ch, ch))
-        feature_size += ch
+        feature_size += ch                            # ... and after the middle block
 
         if c.pool == "attention":
             self.head_norm = GroupNorm32(ch)

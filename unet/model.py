@@ -91,8 +91,37 @@ class MiddleBlock(nn.Module):
         return self.res2(h, emb), attention_map
 
 
-def _site_name(part: str, index: int) -> str:
-    return "middle" if part == "middle" else f"{part}.{index}"
+def build_encoder(c, emb_channels: int):
+    """The official encoder of both ``UNetModel`` and ``EncoderUNetModel`` from a config with the
+    shared fields (model_channels, channel_mult, num_res_blocks, attention_resolutions, heads, ...).
+
+    Returns (res_block_factory, input_conv, encoder blocks, skip channels per block, final channels,
+    final downsample factor). Block i+1 of the list is official ``input_blocks[i+1]``.
+    """
+    heads = dict(num_heads=c.num_heads, num_head_channels=c.num_head_channels,
+                 use_new_attention_order=c.use_new_attention_order)
+    attention_factors = {c.image_size // r for r in c.attention_resolutions}
+    res = lambda cin, cout, resample=None: ResBlock(  # noqa: E731
+        cin, emb_channels, c.dropout, cout, c.use_scale_shift_norm, resample)
+    ch = int(c.channel_mult[0] * c.model_channels)
+    in_channels = 2 * c.in_channels if getattr(c, "super_res", False) else c.in_channels
+    input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+    blocks: List[UNetBlock] = []
+    skip_channels = [ch]
+    factor = 1
+    for level, mult in enumerate(c.channel_mult):
+        for _ in range(c.num_res_blocks):
+            width = int(mult * c.model_channels)
+            attn = AttentionBlock(width, **heads) if factor in attention_factors else None
+            blocks.append(UNetBlock(res=res(ch, width), attn=attn))
+            ch = width
+            skip_channels.append(ch)
+        if level != len(c.channel_mult) - 1:
+            down = res(ch, ch, "down") if c.resblock_updown else Downsample(ch, c.conv_resample)
+            blocks.append(UNetBlock(resample=down))
+            skip_channels.append(ch)
+            factor *= 2
+    return res, input_conv, blocks, skip_channels, ch, factor
 
 
 class UNet(nn.Module):
@@ -106,30 +135,11 @@ class UNet(nn.Module):
                      use_new_attention_order=c.use_new_attention_order)
         heads_up = dict(heads, num_heads=c.num_heads_upsample if c.num_heads_upsample != -1 else c.num_heads)
         attention_factors = {c.image_size // r for r in c.attention_resolutions}
-        res = lambda cin, cout, resample=None: ResBlock(  # noqa: E731
-            cin, emb_channels, c.dropout, cout, c.use_scale_shift_norm, resample)
 
         self.time_embed = TimeEmbedding(c.model_channels)
         self.label_embed = nn.Embedding(c.num_classes, emb_channels) if c.num_classes else None
-
-        ch = input_ch = int(c.channel_mult[0] * c.model_channels)
-        in_channels = 2 * c.in_channels if c.super_res else c.in_channels
-        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
-        encoder: List[UNetBlock] = []
-        skip_channels = [ch]
-        factor = 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                width = int(mult * c.model_channels)
-                attn = AttentionBlock(width, **heads) if factor in attention_factors else None
-                encoder.append(UNetBlock(res=res(ch, width), attn=attn))
-                ch = width
-                skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                down = res(ch, ch, "down") if c.resblock_updown else Downsample(ch, c.conv_resample)
-                encoder.append(UNetBlock(resample=down))
-                skip_channels.append(ch)
-                factor *= 2
+        res, self.input_conv, encoder, skip_channels, ch, factor = build_encoder(c, emb_channels)
+        input_ch = self.input_conv.out_channels
         self.encoder = nn.ModuleList(encoder)       # official input_blocks[1:]
         self.middle = MiddleBlock(res(ch, ch), AttentionBlock(ch, **heads), res(ch, ch))
         decoder: List[UNetBlock] = []
