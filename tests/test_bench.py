@@ -1,0 +1,62 @@
+"""``python -m sag.bench`` (sag/bench.py): the report's structure and its one-line errors.
+
+Benchmarks measure, tests never time: nothing here asserts a speed, only that every method was run
+and reported with positive times and ratios, on a smoke-sized model, one repeat, no warmup.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from sag.bench import CORE_METHODS, main
+
+
+@pytest.fixture(scope="module")
+def report():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--tiny", "--repeats", "1", "--warmup", "0", "--micro-repeats", "1", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_every_method_is_reported(report):
+    assert set(report["methods"]) == set(CORE_METHODS)     # the tiny 64x64 kind is class-conditional: cfg runs
+    for name, m in report["methods"].items():
+        assert m["ms"] > 0 and m["min_ms"] > 0 and m["ratio"] > 0, name
+        assert len(m["times_ms"]) == 1
+        assert m["peak_mem_mb"] is not None and m["peak_mem_mb"] >= 0, name
+        assert m["host_syncs"] is None                          # counted on CUDA only
+    assert report["methods"]["unguided"]["ratio"] == 1.0
+    assert report["methods"]["official_like"]["fused_attention"] is False
+    assert report["methods"]["plain_eager"]["fused_attention"] is False
+
+
+def test_comparisons_targets_and_micro_benchmarks(report):
+    assert report["comparisons"]["sag_vs_official_like"] > 0
+    assert report["comparisons"]["unguided_vs_plain_eager"] > 0
+    assert set(report["targets"]) == {"sag_ratio_le_2.05", "blur_ratio_le_2.05", "pag_le_sag", "seg_le_sag",
+                                      "unguided_le_plain_eager", "sag_faster_than_official_like"}
+    assert all(isinstance(v, bool) for v in report["targets"].values())
+    # The plain eager baseline runs the same function as the U-Net's default (explicit) path.
+    assert report["checks"]["plain_eager_vs_unet_max_abs_diff"] == 0.0
+    attention, blur = report["micro"]["attention"], report["micro"]["blur"]
+    assert attention["explicit_ms"] > 0 and attention["fused_ms"] > 0 and attention["max_abs_diff"] < 1e-4
+    assert blur["separable_ms"] > 0 and blur["conv2d_ms"] > 0 and blur["max_abs_diff"] < 1e-5
+    assert report["device"] == "cpu" and report["batch"] == 2 and report["repeats"] == 1
+
+
+def test_text_report_and_errors(capsys):
+    assert main(["--tiny", "--repeats", "1", "--warmup", "0", "--micro-repeats", "1", "--no-memory",
+                 "--methods", "sag,seg"]) == 0
+    out = capsys.readouterr().out
+    assert "unguided" in out and "sag" in out and "seg" in out and "micro-benchmarks" in out
+    assert main(["--tiny", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sag.bench: error: --dtype float16 needs a CUDA device") and "\n" not in err
+    assert main(["--config", "no_such_model"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["--tiny", "--methods", "sag,warp"]) == 2
+    assert "unknown method(s) warp" in capsys.readouterr().err
