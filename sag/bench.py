@@ -526,7 +526,9 @@ def run_bench(args) -> dict:
         ms = statistics.median(times[method.name])
         results[method.name] = {
             "ms": ms, "min_ms": min(times[method.name]), "ratio": ms / base,
-            "ratio_of_mins": min(times[method.name]) / base_min, "passes": method.passes,
+            "ratio_of_mins": min(times[method.name]) / base_min,
+            "ratio_paired": statistics.median(a / b for a, b in zip(times[method.name], times["unguided"])),
+            "passes": method.passes,
             "fused_attention": method.fused, "peak_mem_mb": memory.get(method.name),
             "host_syncs": syncs.get(method.name), "about": method.about, "times_ms": times[method.name]}
     comparisons = {}
@@ -581,14 +583,17 @@ def format_report(report: dict) -> str:
         + "; 1-min load average {before} -> {after}".format(**{k: "?" if v is None else f"{v:.2f}"
                                                              for k, v in r["loadavg_1min"].items()}),
         "",
-        f"  {'method':<14}{'passes':>7}{'ms/step':>11}{'min ms':>11}{'x unguided':>12}{'(of mins)':>11}{'peak MB':>10}  about",
+        f"  {'method':<14}{'passes':>7}{'ms/step':>10}{'min ms':>10}{'x unguided':>12}{'paired':>9}{'of mins':>9}"
+        f"{'peak MB':>9}  about",
     ]
     for name, m in r["methods"].items():
         mem = "n/a" if m["peak_mem_mb"] is None else f"{m['peak_mem_mb']:.1f}"
-        lines.append(f"  {name:<14}{m['passes']:>7}{m['ms']:>11.1f}{m['min_ms']:>11.1f}{m['ratio']:>11.3f}x"
-                     f"{m['ratio_of_mins']:>10.3f}x{mem:>10}  {m['about']}")
+        lines.append(f"  {name:<14}{m['passes']:>7}{m['ms']:>10.1f}{m['min_ms']:>10.1f}{m['ratio']:>11.3f}x"
+                     f"{m['ratio_paired']:>8.3f}x{m['ratio_of_mins']:>8.3f}x{mem:>9}  {m['about']}")
     for name, why in r["skipped"].items():
         lines.append(f"  {name:<14} skipped: {why}")
+    lines.append("  x unguided = ratio of the medians (the targets use it); paired = median over repeats of the "
+                 "ratio within one round; of mins = ratio of the fastest runs")
     if r["memory"]:
         lines.append(f"  peak MB = {r['memory']}")
     if any(m["host_syncs"] is not None for m in r["methods"].values()):

@@ -25,7 +25,8 @@ def report():
 def test_every_method_is_reported(report):
     assert set(report["methods"]) == set(CORE_METHODS)     # the tiny 64x64 kind is class-conditional: cfg runs
     for name, m in report["methods"].items():
-        assert m["ms"] > 0 and m["min_ms"] > 0 and m["ratio"] > 0, name
+        assert m["ms"] > 0 and m["min_ms"] > 0, name
+        assert m["ratio"] > 0 and m["ratio_paired"] > 0 and m["ratio_of_mins"] > 0, name
         assert len(m["times_ms"]) == 1
         assert m["peak_mem_mb"] is not None and m["peak_mem_mb"] >= 0, name
         assert m["host_syncs"] is None                          # counted on CUDA only

@@ -106,3 +106,26 @@ def test_config_errors_are_one_line():
         UNetConfig(image_size=30, model_channels=32, channel_mult=(1, 1, 1))
     with pytest.raises(ConfigError, match="multiple of 32"):
         UNetConfig(image_size=32, model_channels=16)
+
+
+@pytest.mark.parametrize("attention", [
+    {"middle": IdentityAttention(samples=slice(2, 4))},                              # PAG-like, one copy perturbed
+    {"input.4": BlurQueries(1.0, samples=slice(2, 4)), "output.2": Capture(samples=slice(0, 2))},
+    {},                                                                              # no request: copies of one pass
+], ids=["identity", "blur+capture", "none"])
+def test_copies_equal_a_repeated_batch(attention):
+    """``copies=n`` (run_passes for PAG / SEG) == one forward of the batch repeated n times; the rows
+    before the first request are computed once, so only batch-size rounding may differ."""
+    ref = reference("adm_uncond")
+    model = load_case("adm_uncond").model
+    x, t = ref["fwd_x"][:2], ref["fwd_t"][:2]
+    with torch.no_grad():
+        repeated = model(torch.cat([x, x]), t.repeat(2), attention=attention)
+        shared = model(x, t, attention=attention, copies=2)
+        single = model(x, t).output
+    assert shared.output.shape == repeated.output.shape == (4, *single.shape[1:])
+    assert max_err(shared.output, repeated.output) <= 1e-5
+    assert max_err(shared.output[:2], single) <= 1e-5
+    assert set(shared.attention_maps) == set(repeated.attention_maps)
+    for site, amap in shared.attention_maps.items():
+        assert max_err(amap.probs, repeated.attention_maps[site].probs) <= 1e-6

@@ -9,7 +9,7 @@ Layout, with the official indices that name the attention sites::
     decoder[i]            ResBlock on [h | skip] [+ attention] [+ upsampling]  (output_blocks[i])
     out_norm, out_conv    GroupNorm, SiLU, 3x3 conv           (out.0, out.2)
 
-``forward(x, timesteps, y=None, *, low_res=None, attention=None)`` always returns
+``forward(x, timesteps, y=None, *, low_res=None, attention=None, copies=1)`` always returns
 ``UNetOutput(output, attention_maps)``; ``attention`` maps site names (``"input.4"``, ``"middle"``,
 ``"output.2"``) to requests from ``unet.seam`` and ``attention_maps`` holds one ``AttentionMap`` per
 capture request (empty when nothing was asked). The model keeps no state between calls.
@@ -204,9 +204,14 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                 low_res: Optional[torch.Tensor] = None,
-                attention: Optional[Mapping[str, object]] = None) -> UNetOutput:
+                attention: Optional[Mapping[str, object]] = None, copies: int = 1) -> UNetOutput:
+        """eps_theta and the maps asked for. ``copies`` = n evaluates the batch n times, as one batch of
+        nB (copy k = rows [kB, (k+1)B); requests address copies by their ``samples`` slices): equal to
+        ``forward(cat([x] * n), t.repeat(n), y.repeat(n))``, but every layer before the first attention
+        request runs once on B rows (PAG / SEG: the passes on one x_t agree until the first perturbed block)."""
         c = self.config
         batch = x.shape[0]
+        assert copies >= 1, f"copies must be >= 1, got {copies}"
         assert x.dim() == 4 and x.shape[1] == c.in_channels, \
             f"x must be [B x {c.in_channels} x H x W], got {tuple(x.shape)}"
         assert timesteps.shape == (batch,), f"timesteps must be [{batch}], got {tuple(timesteps.shape)}"
@@ -227,20 +232,36 @@ class UNet(nn.Module):
             assert y.shape == (batch,), f"y must be [{batch}], got {tuple(y.shape)}"
             emb = emb + self.label_embed(y)
         maps: Dict[str, AttentionMap] = {}
+        shared = copies > 1                 # rows still identical in every copy, kept once
+
+        def request_at(site: str):
+            """The site's request; the copies part ways at the first request: replicate what they share."""
+            nonlocal h, emb, skips, shared
+            request = attention.get(site)
+            if shared and request is not None:
+                h, emb, *skips = (torch.cat([v] * copies) for v in (h, emb, *skips))
+                shared = False
+            return request
 
         h = self.input_conv(x.to(self.input_conv.weight.dtype))
         skips = [h]
+        # (request_at runs before h, emb, skips are read: it may replicate them)
         for i, block in enumerate(self.encoder, start=1):
-            h, m = block(h, emb, attention.get(f"input.{i}"))
+            request = request_at(f"input.{i}")
+            h, m = block(h, emb, request)
             if m is not None:
                 maps[f"input.{i}"] = m
             skips.append(h)
-        h, m = self.middle(h, emb, attention.get("middle"))
+        request = request_at("middle")
+        h, m = self.middle(h, emb, request)
         if m is not None:
             maps["middle"] = m
         for i, block in enumerate(self.decoder):
-            h, m = block(torch.cat([h, skips.pop()], dim=1), emb, attention.get(f"output.{i}"))
+            request = request_at(f"output.{i}")
+            h, m = block(torch.cat([h, skips.pop()], dim=1), emb, request)
             if m is not None:
                 maps[f"output.{i}"] = m
         out = self.out_conv(F.silu(self.out_norm(h)))
+        if shared:
+            out = torch.cat([out] * copies)
         return UNetOutput(out.to(x.dtype), maps)
