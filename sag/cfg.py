@@ -33,11 +33,14 @@ Combinations (:class:`CFGWith`), each with the rule of the code that defines it:
 * SEG + CFG (SEG-SDXL ``pipeline_seg.py``, SPEC.md section 1.5): the same shape,
   eps = eps_c + (w - 1)(eps_c - eps_u) + s (eps_c - eps_c_seg).
 
-The inner method keeps its own gating (SAG ``guide_start``, PAG ``step_range``); at steps outside it
-only CFG applies. Classifier guidance composes on top of any of these in the sampler.
+The inner method keeps its own gating (SAG ``guide_start``, PAG ``step_range``): the sampler asks
+``CFGWith.for_step(t_index)`` for what runs at each step, which is CFG alone outside the method's range
+(decided on Python ints; ``CFGWith.predict`` itself always applies the method). Classifier guidance
+composes on top of any of these in the sampler.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Union
@@ -111,12 +114,6 @@ class CFGConfig:
         return CFGStep(cfg_eps(cond.eps, uncond.eps, self.w), cond, uncond.eps, None)
 
 
-def _inner_active(method, t: torch.Tensor) -> bool:
-    """The inner method's own gate at this step (reads t only when a gate is set)."""
-    gate = method.guide_start if isinstance(method, SAGConfig) else getattr(method, "step_range", None)
-    return gate is None or method.active_at(int(t[0]))
-
-
 @dataclass(frozen=True)
 class CFGWith:
     """CFG combined with SAG, PAG or SEG (rules in the module docstring):
@@ -137,7 +134,14 @@ class CFGWith:
                                 f"got {type(self.method).__name__}")
 
     def active_at(self, t_index: int) -> bool:
-        return True                              # CFG guides every step; the method's gate is applied inside
+        return True                              # CFG guides every step; the method's gate is in for_step
+
+    def for_step(self, t_index: int) -> Union["CFGWith", CFGConfig]:
+        """What runs at respaced step ``t_index`` (a Python int, so no host sync): CFG + the method
+        inside the method's own range (SAG ``guide_start``, PAG / SEG ``step_range``), CFG alone outside."""
+        if self.method.active_at(t_index):
+            return self
+        return dataclasses.replace(self.cfg, batched=self.cfg.batched and getattr(self.method, "batched", True))
 
     def attention_sites(self) -> List[str]:
         on_uncond_net = isinstance(self.method, SAGConfig) and self.cfg.unconditional_model is not None
@@ -148,25 +152,19 @@ class CFGWith:
         model = _unwrap(model)
         net_u, y_u = self.cfg.unconditional(model, y)
         method, s, w = self.method, self.method.scale, self.cfg.w
-        on = _inner_active(method, t)
-        if on and isinstance(method, SAGConfig):
+        if isinstance(method, SAGConfig):
             # 1. SAG on the unconditional half (eps_u, its map, x_bar_t, eps_u(x_bar_t)), then eps_c.
             inner = sag_step(net_u, diffusion, x_t, t, method, y_u, clip_denoised)
             cond = run_passes(diffusion, x_t, t, [Pass(model, y, {})], batched=False, clip_denoised=clip_denoised)[0]
             eps_u = inner.first.eps
             # 2. Guide: CFG, then away from the degraded unconditional prediction.
             return CFGStep(cfg_eps(cond.eps, eps_u, w) + s * (eps_u - inner.eps_degraded), cond, eps_u, inner)
-        # 1. Passes: [uncond; cond], plus the perturbed conditional pass when PAG / SEG is on.
-        passes = [Pass(net_u, y_u, {}), Pass(model, y, {})]
-        if on and not isinstance(method, SAGConfig):
-            passes.append(Pass(model, y, method.requests(model)))
+        # 1. Passes: [uncond; cond; cond perturbed by PAG / SEG].
+        passes = [Pass(net_u, y_u, {}), Pass(model, y, {}), Pass(model, y, method.requests(model))]
         batched = self.cfg.batched and getattr(method, "batched", True)
-        uncond, cond, *perturbed = run_passes(diffusion, x_t, t, passes, batched=batched, clip_denoised=clip_denoised)
+        uncond, cond, perturbed = run_passes(diffusion, x_t, t, passes, batched=batched, clip_denoised=clip_denoised)
         # 2. Guide: CFG, then away from the perturbed conditional prediction.
-        guided, inner = cfg_eps(cond.eps, uncond.eps, w), None
-        if perturbed:
-            eps_p = perturbed[0].eps
-            step_type = PAGStep if isinstance(method, PAGConfig) else SEGStep
-            inner = step_type(cond.eps + s * (cond.eps - eps_p), cond, eps_p)
-            guided = guided + s * (cond.eps - eps_p)
-        return CFGStep(guided, cond, uncond.eps, inner)
+        eps_p = perturbed.eps
+        step_type = PAGStep if isinstance(method, PAGConfig) else SEGStep
+        inner = step_type(cond.eps + s * (cond.eps - eps_p), cond, eps_p)
+        return CFGStep(cfg_eps(cond.eps, uncond.eps, w) + s * (cond.eps - eps_p), cond, uncond.eps, inner)

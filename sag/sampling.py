@@ -63,7 +63,8 @@ def guided_step(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t_index:
     # 1. Noise prediction, guided by SAG when it is active at this step.
     details = None
     if guidance is not None and guidance.active_at(t_index):
-        details = guidance.predict(model, diffusion, x_t, t, y, clip_denoised)
+        step_guidance = guidance.for_step(t_index) if hasattr(guidance, "for_step") else guidance
+        details = step_guidance.predict(model, diffusion, x_t, t, y, clip_denoised)
         first, eps = details.first, details.guided_eps
     else:
         first = run_model(model, diffusion, x_t, t, y, None, clip_denoised)[0]
@@ -102,7 +103,9 @@ def sample(model, diffusion: GaussianDiffusion, shape: Sequence[int], *,
     guidance:  a guidance method (``SAGConfig`` for SAG or blur guidance, ...) or None. A method
                provides ``active_at(t_index) -> bool``, ``attention_sites() -> list`` and
                ``predict(model, diffusion, x_t, t, y, clip_denoised)`` returning a NamedTuple with
-               ``guided_eps`` and ``first`` (the unperturbed pass's MeanVariance).
+               ``guided_eps`` and ``first`` (the unperturbed pass's MeanVariance); optionally
+               ``for_step(t_index)`` -> the method that runs at that step (``CFGWith`` uses it for
+               its inner method's range).
     classifier, classifier_scale: classifier guidance (a classifier module, or a loader result with ``.model``).
     y:         class labels [B] for class-conditional models (and the classifier).
     x_T:       initial noise; default: drawn per sample from ``seed + i`` (or the given seed list).

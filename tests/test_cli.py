@@ -118,6 +118,17 @@ def test_batch_size_invariance(reference_run, tmp_path):
     assert (diff > 0).mean() < 1e-3
 
 
+def test_exact_attention_matches_the_fused_default(reference_run, tmp_path):
+    """The default runs fused SDPA where no map is read; --exact-attention the official einsums.
+    They are the same function up to float rounding (~2e-6 on eps): at most 1 uint8 level apart."""
+    assert main([str(a) for a in uncond(num_samples=N, batch_size=2, out=tmp_path) + ["--exact-attention"]]) == 0
+    fused = np.load(reference_run / NPZ)["arr_0"].astype(int)
+    exact = np.load(tmp_path / NPZ)["arr_0"].astype(int)
+    assert np.abs(fused - exact).max() <= 1
+    for folder, mode in ((reference_run, "fused"), (tmp_path, "exact")):
+        assert json.loads((folder / "samples.json").read_text())["settings"]["attention"] == mode
+
+
 def test_finished_run_is_not_redone(reference_run, capsys):
     npz = reference_run / NPZ
     before = npz.stat().st_mtime_ns

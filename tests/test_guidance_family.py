@@ -208,9 +208,11 @@ def test_combination_rules(cond):
         assert torch.equal(both.inner.degraded_x_t, alone.degraded_x_t) and torch.equal(both.first.eps, eps_c)
         rule = eps_u + w * (eps_c - eps_u) + s * (eps_u - alone.eps_degraded)
         assert max_err(both.guided_eps, rule) <= 1e-5
-        # Outside the inner method's own range only CFG applies.
-        gated = CFGWith(cfg, PAGConfig(scale=s, step_range=(3, 0), batched=False)).predict(model, diffusion, x, t, y)
-        assert gated.inner is None and torch.equal(gated.guided_eps, step.guided_eps)
+        # Outside the inner method's own range only CFG applies (chosen on the Python index).
+        gated = CFGWith(cfg, PAGConfig(scale=s, step_range=(3, 0), batched=False))
+        assert gated.for_step(3) is gated and gated.for_step(T_INDEX) == cfg
+        outside = gated.for_step(T_INDEX).predict(model, diffusion, x, t, y)
+        assert outside.inner is None and torch.equal(outside.guided_eps, step.guided_eps)
 
 
 def test_cfg_with_a_second_network_and_its_errors(cond):
