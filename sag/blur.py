@@ -136,7 +136,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: int = 31) -> torch
     degradation (official ``attention_masking``: ``T.GaussianBlur(kernel_size=31, sigma=blur_sigma)``,
     31 taps whatever sigma).  Unlike torchvision it consumes no random numbers (see the module docstring).
 
-    Shapes: x ``[B x C x H x W]`` floating -> ``[B x C x H x W]``, same dtype and device.  Reflect padding
+    Shapes: x ``[B x C x H x W]`` floating -> ``[B x C x H x W]``, same dtype and device (also under
+    autocast: the convolutions run in x's dtype).  Reflect padding
     needs H, W >= K // 2 + 1 (16 for the official 31 taps).
 
     Args:
@@ -157,7 +158,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: int = 31) -> torch
             f"image {height}x{width} is too small for a {kernel_size}-tap blur (reflect padding {pad} needs "
             f"H, W >= {pad + 1}); pass a smaller odd kernel_size (at most {largest_kernel})")
 
-    if x.device.type == "cpu" and x.dtype == torch.float16:
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # Autocast would run the convolutions in half precision; the blur keeps x's dtype instead
+        # (SAG blurs the float32 x0 outside the U-Net, whose forward is what mixed precision is for).
+        with torch.autocast(device_type, enabled=False):
+            return gaussian_blur(x, sigma, kernel_size)
+    if device_type == "cpu" and x.dtype == torch.float16:
         # PyTorch's CPU float16 depthwise conv2d with a (1, K) kernel stalls (seen with torch 2.13: over
         # 10 s for a 3x32x62 image, against milliseconds in float32 or bfloat16), so CPU float16 images
         # are blurred in float32 and rounded once at the end (more accurate, not slower).

@@ -162,6 +162,14 @@ def test_half_precision_blur(dtype):
     torch.testing.assert_close(blurred.float(), gaussian_blur(x, 3.0), atol=3e-2, rtol=0)
 
 
+def test_autocast_does_not_lower_the_blur_precision():
+    """Under CPU bfloat16 autocast (the same dispatch as CUDA autocast) a float32 image is blurred in float32."""
+    x = torch.randn(1, 3, 32, 32, generator=_generator(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blurred = gaussian_blur(x, 3.0)
+    assert blurred.dtype == torch.float32 and torch.equal(blurred, gaussian_blur(x, 3.0))
+
+
 def test_no_data_dependent_host_code():
     """Runs on the meta device (shapes only): nothing reads a value, so nothing would sync a GPU."""
     x = torch.empty(2, 3, 32, 48, device="meta")
