@@ -67,6 +67,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 CORE_METHODS = ("unguided", "plain_eager", "sag", "blur", "pag", "seg", "cfg", "official_like")
 EXTRA_METHODS = ("pag_seq", "seg_seq")
 TARGET_SAG_RATIO = 2.05
+# Dense (no sparsity) tensor-core peaks in TFLOP/s for float16 / bfloat16, from NVIDIA's datasheets;
+# matched against torch.cuda.get_device_name in this order. float32 has no entry: PyTorch runs its
+# convolutions in TF32 and its matmuls in full FP32 by default, so no single peak applies (--peak-tflops).
+HALF_PRECISION_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                              ("L40S", 362.1), ("A10", 125.0))
 
 
 class BenchError(ValueError):
@@ -254,6 +259,9 @@ def _parse_args(argv: Optional[Sequence[str]]):
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (the first warmup compiles)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for the fraction-of-peak column (default: NVIDIA's dense "
+                        "float16/bfloat16 figure for known GPUs, else none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     return p.parse_args(argv)
 
@@ -327,6 +335,24 @@ def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     return _cpu_peak_bytes(fn) / 2**20
+
+
+def _count_flops(fn: Callable[[], object]) -> Optional[float]:
+    """Floating-point operations of one call, as ``torch.utils.flop_counter`` counts them (convolutions,
+    matmuls / einsums, SDPA kernels it knows; elementwise work, norms and softmax are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _peak_tflops(args, device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in HALF_PRECISION_PEAK_TFLOPS if key in name), None)
 
 
 def _count_syncs(fn: Callable[[], object]) -> int:
@@ -513,6 +539,12 @@ def run_bench(args) -> dict:
         for method in methods:
             _set_fused(unet, method.fused)
             memory[method.name] = _peak_mb(method.run, device)
+    flops = {}
+    if not args.compile:                       # the counter dispatches op by op: compiled graphs hide them
+        for method in methods:
+            _set_fused(unet, method.fused)
+            flops[method.name] = _count_flops(method.run)
+    peak = _peak_tflops(args, device, dtype)
     syncs = {}
     if device.type == "cuda":
         for method in methods:
@@ -529,6 +561,12 @@ def run_bench(args) -> dict:
             "ratio_of_mins": min(times[method.name]) / base_min,
             "ratio_paired": statistics.median(a / b for a, b in zip(times[method.name], times["unguided"])),
             "passes": method.passes,
+            # A whole run at this step's cost: batch images per (num_timesteps steps).
+            "images_per_s": args.batch / (ms / 1e3 * diffusion.num_timesteps),
+            "gflop_per_step": None if method.name not in flops else flops[method.name] / 1e9,
+            "tflops_per_s": None if method.name not in flops else flops[method.name] / (ms / 1e3) / 1e12,
+            "fraction_of_peak": (None if method.name not in flops or peak is None
+                                 else flops[method.name] / (ms / 1e3) / 1e12 / peak),
             "fused_attention": method.fused, "peak_mem_mb": memory.get(method.name),
             "host_syncs": syncs.get(method.name), "about": method.about, "times_ms": times[method.name]}
     comparisons = {}
@@ -561,6 +599,9 @@ def run_bench(args) -> dict:
         "compiled": args.compile, "compile_s": compile_s,
         "loadavg_1min": {"before": load_before, "after": _loadavg()},
         "t_index": t_index, "num_timesteps": diffusion.num_timesteps, "repeats": args.repeats, "warmup": args.warmup,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
+        "peak_tflops": peak,
+        "flops": None if args.compile else "torch.utils.flop_counter: convolutions, matmuls and known SDPA kernels",
         "timing": "median of repeats, methods interleaved round-robin (rotating start), time.perf_counter"
                   + (" + torch.cuda.synchronize" if device.type == "cuda" else ""),
         "memory": None if args.no_memory else (
@@ -598,6 +639,18 @@ def format_report(report: dict) -> str:
         lines.append(f"  peak MB = {r['memory']}")
     if any(m["host_syncs"] is not None for m in r["methods"].values()):
         lines.append("  host syncs per step: " + ", ".join(f"{k} {m['host_syncs']}" for k, m in r["methods"].items()))
+    lines.append("")
+    lines.append(f"  {'method':<14}{'img/s':>9}{'GFLOP':>10}{'TFLOP/s':>10}{'of peak':>9}   "
+                 f"(img/s: a {r['num_timesteps']}-step run at this step's cost)")
+    for name, m in r["methods"].items():
+        gflop = "n/a" if m["gflop_per_step"] is None else f"{m['gflop_per_step']:.1f}"
+        tflops = "n/a" if m["tflops_per_s"] is None else f"{m['tflops_per_s']:.3f}"
+        frac = "n/a" if m["fraction_of_peak"] is None else f"{100 * m['fraction_of_peak']:.1f}%"
+        lines.append(f"  {name:<14}{m['images_per_s']:>9.3f}{gflop:>10}{tflops:>10}{frac:>9}")
+    if r["peak_tflops"] is None:
+        lines.append("  of peak: n/a (no known peak for this device and dtype; pass --peak-tflops)")
+    else:
+        lines.append(f"  of peak: against {r['peak_tflops']:.1f} TFLOP/s ({r['device_name']}, {r['dtype']})")
     lines.append("")
     c = r["comparisons"]
     if "sag_vs_official_like" in c:

@@ -30,6 +30,13 @@ def test_every_method_is_reported(report):
         assert len(m["times_ms"]) == 1
         assert m["peak_mem_mb"] is not None and m["peak_mem_mb"] >= 0, name
         assert m["host_syncs"] is None                          # counted on CUDA only
+        # Throughput of a whole run at this step's cost, and the counted FLOPs (no known CPU peak).
+        assert m["images_per_s"] == pytest.approx(report["batch"] / (m["ms"] / 1e3 * report["num_timesteps"]))
+        assert m["gflop_per_step"] > 0 and m["tflops_per_s"] > 0 and m["fraction_of_peak"] is None
+    assert report["peak_tflops"] is None
+    # Two passes of B cost about twice one pass of B (the first pass is the same in both).
+    flops = {name: m["gflop_per_step"] for name, m in report["methods"].items()}
+    assert 1.9 < flops["sag"] / flops["unguided"] < 2.2 and 1.9 < flops["blur"] / flops["unguided"] < 2.1
     assert report["methods"]["unguided"]["ratio"] == 1.0
     assert report["methods"]["official_like"]["fused_attention"] is False
     assert report["methods"]["plain_eager"]["fused_attention"] is False
@@ -51,9 +58,10 @@ def test_comparisons_targets_and_micro_benchmarks(report):
 
 def test_text_report_and_errors(capsys):
     assert main(["--tiny", "--repeats", "1", "--warmup", "0", "--micro-repeats", "1", "--no-memory",
-                 "--methods", "sag,seg"]) == 0
+                 "--methods", "sag,seg", "--peak-tflops", "2.5"]) == 0
     out = capsys.readouterr().out
     assert "unguided" in out and "sag" in out and "seg" in out and "micro-benchmarks" in out
+    assert "img/s" in out and "of peak: against 2.5 TFLOP/s" in out
     assert main(["--tiny", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sag.bench: error: --dtype float16 needs a CUDA device") and "\n" not in err
