@@ -33,5 +33,15 @@ def max_err(a, b) -> float:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the small demo models (2 threads on a busy 2-core machine stall in
+    OpenMP barriers); the suite's setting above is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def fixtures_dir():
     return FIXTURES

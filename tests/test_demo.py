@@ -9,14 +9,7 @@ from sag.demo import DEMO_PATH, DEMO_SAG, load_demo
 from sag.demo_eval import frechet_distance, statistics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for these small models (2 threads on a busy 2-core machine stall in OpenMP
-    barriers); the suite's setting (conftest.py) is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_file_is_small_and_plain_data():
@@ -79,3 +72,24 @@ def test_statistics_are_float64_mean_and_covariance():
     mu, cov = statistics(x)
     assert mu.dtype == np.float64 and cov.shape == (4, 4)
     assert np.allclose(cov, np.cov(x.astype(np.float64), rowvar=False))
+
+
+def test_training_runs_saves_plain_weights_and_continues(tmp_path):
+    """Two steps of the demo trainer (small batch), then one more continued from its output."""
+    import json
+
+    from checkpoints_convert.load import load_checkpoint
+    from sag.demo_train import main as train_main
+    first = tmp_path / "a.pt"
+    train_main(["--out", str(first), "--minutes", "5", "--max_steps", "2", "--batch_size", "4"])
+    record = json.loads(first.with_suffix(".json").read_text())
+    assert record["steps"] == 2 and record["total_steps"] == 2 and record["finished"] and record["init_from"] is None
+    assert torch.load(first, map_location="cpu", weights_only=True)["format"] == "sag-checkpoint"
+    second = tmp_path / "b.pt"
+    train_main(["--out", str(second), "--minutes", "5", "--max_steps", "1", "--batch_size", "4",
+                "--init-from", str(first)])
+    record = json.loads(second.with_suffix(".json").read_text())
+    assert record["steps"] == 1 and record["total_steps"] == 3
+    assert record["init_from"]["steps"] == 2 and record["init_from"]["record"]["steps"] == 2
+    before, after = load_checkpoint(first).model.state_dict(), load_checkpoint(second).model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)        # it trained on

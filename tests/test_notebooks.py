@@ -6,19 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for these small models (2 threads on a busy 2-core machine stall in OpenMP
-    barriers); the suite's setting (conftest.py) is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def code_cells(path):
