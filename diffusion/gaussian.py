@@ -232,7 +232,8 @@ class GaussianDiffusion:
         model_output: [N x C x H x W], or [N x 2C x H x W] for learned variances (ε or x_0 first,
         variance values second); x_t: [N x C x H x W]; t: [N].
         x̂_0 = (ε → x_0 by DDPM Eq. 15, or the output itself), then ``denoised_fn``, then clamp to
-        [−1, 1] if ``clip_denoised``; mean = posterior mean from that x̂_0.
+        [−1, 1] if ``clip_denoised``; mean = posterior mean from that x̂_0. ε is the output itself,
+        or (x_0-predicting models) derived from the unclipped output.
         """
         _check_batch(x_t, t)
         N, C = x_t.shape[:2]
@@ -252,8 +253,10 @@ class GaussianDiffusion:
             eps = out
             pred_x0 = process(self.predict_x0_from_eps(x_t, t, eps))
         else:
+            # x_0-predicting model: eps comes from the raw, unclipped output (as the SAG / PAG
+            # repositories' p_mean_variance return it); only x̂_0 is clipped.
+            eps = self.predict_eps_from_x0(x_t, t, out)
             pred_x0 = process(out)
-            eps = self.predict_eps_from_x0(x_t, t, pred_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return MeanVariance(mean, variance, log_variance, pred_x0, eps)
 

@@ -19,7 +19,8 @@ Notation (paper symbol -> name here)::
 
 The official SAG code (SusungHong/Self-Attention-Guidance @ a36f251, ``gaussian_diffusion.py``
 ``p_sample`` / ``ddim_sample`` / ``attention_masking``) writes the right-hand form with
-``--guide_scale g = 1 + s``. Reproduced official behaviour: the clipped, unguided x0_hat is what is
+``--guide_scale g = 1 + s``; ``sag_step`` computes that form too, so its float32 rounding is the
+official one (s = 0 then gives eps up to one rounding, as the official ``--guide_scale 1.0`` does). Reproduced official behaviour: the clipped, unguided x0_hat is what is
 blurred; x_bar_t is re-noised with the first pass's own eps at the same t; the second pass's
 variance is discarded (the first pass's is used); SAG runs iff ``guide_start > t`` (respaced index).
 """
@@ -56,6 +57,9 @@ class SAGConfig:
     kernel_size:  blur taps (official: 31 whatever sigma).
     threshold:    a token is salient when the attention it receives exceeds this (1.0 = the mean).
     guide_start:  guide at respaced step index t iff ``guide_start > t`` (official meaning); None = every step.
+    guide_end:    and iff ``t >= guide_end`` (0 = down to the last step, the SAG repository's only
+                  choice; the PAG repository's ``{"sag": [start, end]}`` is guide_start = start + 1,
+                  guide_end = end).
     map_mode:     "block" = the block's own heads and layout (the paper's math); "official" = the
                   official SAG map (model-wide ``official_num_heads``, legacy split; SPEC.md Q1/Q2),
                   which made the published numbers.
@@ -67,6 +71,7 @@ class SAGConfig:
     kernel_size: int = 31
     threshold: float = 1.0
     guide_start: Optional[int] = None
+    guide_end: int = 0
     map_mode: str = "block"
     official_num_heads: int = 4
     blur_everywhere: bool = False
@@ -80,6 +85,9 @@ class SAGConfig:
             raise GuidanceError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
         if self.map_mode not in MAP_MODES:
             raise GuidanceError(f"map_mode must be one of {MAP_MODES}, got {self.map_mode!r}")
+        if self.guide_end < 0 or (self.guide_start is not None and self.guide_end >= self.guide_start):
+            raise GuidanceError(f"SAG guides where guide_start > t >= guide_end: guide_end must be >= 0 and below "
+                                f"guide_start, got guide_start={self.guide_start}, guide_end={self.guide_end}")
         if self.official_num_heads < 1:
             raise GuidanceError(f"official_num_heads must be >= 1, got {self.official_num_heads}")
 
@@ -94,8 +102,8 @@ class SAGConfig:
         return cls(scale=float(guide_scale) - 1.0, **kwargs)
 
     def active_at(self, t_index: int) -> bool:
-        """Official gating: SAG runs iff ``guide_start > t`` on the respaced index (a Python int)."""
-        return self.guide_start is None or self.guide_start > t_index
+        """Official gating: SAG runs iff ``guide_start > t >= guide_end`` on the respaced index (a Python int)."""
+        return (self.guide_start is None or self.guide_start > t_index) and t_index >= self.guide_end
 
     def attention_sites(self):
         return [] if self.blur_everywhere else [self.site]
@@ -162,8 +170,9 @@ def sag_step(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Te
     degraded_x_t = diffusion.q_sample(degraded_x0, t, noise=first.eps)
     # 5. Second pass on x_bar_t (same t and labels); only its eps is used.
     eps_degraded = run_model(model, diffusion, degraded_x_t, t, y, None, clip_denoised)[0].eps
-    # 6. Guide away from the degraded prediction.
-    guided_eps = first.eps + config.scale * (first.eps - eps_degraded)
+    # 6. Guide away from the degraded prediction: eps_bar + (1 + s)(eps - eps_bar), the official form
+    #    and rounding (= eps + s (eps - eps_bar) up to one float32 rounding).
+    guided_eps = eps_degraded + config.guide_scale * (first.eps - eps_degraded)
     return SAGStep(guided_eps, first, attention_map, mask, blurred_x0, degraded_x0, degraded_x_t, eps_degraded)
 
 

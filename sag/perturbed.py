@@ -19,7 +19,8 @@ Notation (paper symbol -> name here)::
 
 The official PAG ADM code (KU-CVLAB/Perturbed-Attention-Guidance @ ba1c0c9, ``classifier_sample.py``
 ``replace_attn_layers``, ``gaussian_diffusion.py`` ``p_sample`` / ``ddim_sample``) writes the
-right-hand form with ``--guide_scale g = 1 + s``. Written as here, s = 0 returns eps bit for bit.
+right-hand form with ``--guide_scale g = 1 + s``; PAG computes that form (the official rounding);
+SEG keeps SEG-SDXL's left-hand form.
 
 Official PAG behaviour reproduced (SPEC.md section 1.4 and Q7/Q8/Q12; numbers = the quirks in
 tests/fixtures/official/PROVENANCE.md, "Perturbed-Attention Guidance"):
@@ -51,8 +52,6 @@ Official PAG behaviour NOT reproduced, deliberately:
   block's own layout and leaves the model untouched;
 * the official passes are sequential; ``batched=True`` (default) runs one forward of 2B with the
   perturbation on the second half, equal to the sequential passes up to float rounding;
-* the guided eps is written eps + s (eps - eps_perturbed), so s = 0 is exact; the official
-  eps_perturbed + g (eps - eps_perturbed) differs by float rounding (7).
 
 SEG on ADM has no official code (SEG-SDXL only, SPEC.md section 1.5); this is the natural port:
 blur the q part of the block's qkv over its (height x width) grid, kernel = the smallest odd integer
@@ -235,7 +234,8 @@ class PAGConfig:
     def predict(self, model, diffusion, x_t, t, y=None, clip_denoised=True) -> PAGStep:
         """The guidance protocol of ``sag.sampling``: x_t [B x C x H x W], t [B] -> PAGStep."""
         first, eps_perturbed = perturbed_eps(self, model, diffusion, x_t, t, y, clip_denoised)
-        return PAGStep(first.eps + self.scale * (first.eps - eps_perturbed), first, eps_perturbed)
+        # eps_pert + (1 + s)(eps - eps_pert): the official PAG form and rounding.
+        return PAGStep(eps_perturbed + self.guide_scale * (first.eps - eps_perturbed), first, eps_perturbed)
 
 
 # -- SEG -----------------------------------------------------------------------------------------

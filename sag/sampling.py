@@ -56,7 +56,7 @@ def guided_step(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t_index:
                 use_ddim: bool = False, eta: float = 0.0, clip_denoised: bool = True) -> StepInfo:
     """One denoising step x_t -> x_{t-1} at respaced index ``t_index`` (a Python int).
 
-    x_t [B x C x H x W]; noise [B x C x H x W] (None only for DDIM with eta = 0).
+    x_t [B x C x H x W]; noise [B x C x H x W] (None only for DDIM with eta = 0, or at t = 0).
     """
     batch = x_t.shape[0]
     t = torch.full((batch,), t_index, device=x_t.device, dtype=torch.long)
@@ -66,13 +66,18 @@ def guided_step(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t_index:
         step_guidance = guidance.for_step(t_index) if hasattr(guidance, "for_step") else guidance
         details = step_guidance.predict(model, diffusion, x_t, t, y, clip_denoised)
         first, eps = details.first, details.guided_eps
+        # 2. x0 from the guided eps, clipped as the sampler clips.
+        pred_x0 = diffusion.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
     else:
         first = run_model(model, diffusion, x_t, t, y, None, clip_denoised)[0]
-        eps = first.eps
-    # 2. x0 from the guided eps, clipped as the sampler clips.
-    pred_x0 = diffusion.predict_x0_from_eps(x_t, t, eps)
-    if clip_denoised:
-        pred_x0 = pred_x0.clamp(-1, 1)
+        eps, pred_x0 = first.eps, first.pred_x0          # the model's own x0 (x0-predicting models too)
+    if noise is None and not (use_ddim and eta == 0):
+        if t_index != 0:
+            raise ValueError(f"step t={t_index} needs noise [B x C x H x W] (only DDIM with eta = 0 and the "
+                             "last step t = 0 take none)")
+        noise = torch.zeros_like(x_t)                    # the last step adds no noise (1[t != 0] = 0)
     grad = None
     if classifier is not None and classifier_scale != 0:
         grad = classifier_grad(_unwrap(classifier), diffusion, x_t, t, y, classifier_scale)

@@ -134,6 +134,12 @@ def test_p_mean_variance_start_x_fixed():
     assert torch.equal(out.pred_x0, x0)
     assert torch.equal(out.eps, d.predict_eps_from_x0(x_t, t, x0))
     torch.testing.assert_close(out.eps, eps, rtol=1e-3, atol=1e-3)
+    # An output outside [-1, 1]: x0 is clipped, eps comes from the raw output (SAG / PAG repos'
+    # p_mean_variance: _predict_eps_from_xstart(x_t, t, model_output)).
+    raw = 3 * x0
+    out = d.p_mean_variance(raw, x_t, t)
+    assert torch.equal(out.pred_x0, raw.clamp(-1, 1)) and (raw.abs() > 1).any()
+    assert torch.equal(out.eps, d.predict_eps_from_x0(x_t, t, raw))
     with pytest.raises(AssertionError, match="model output"):
         d.p_mean_variance(torch.cat([x0, x0], 1), x_t, t)   # FIXED_LARGE wants C channels
     with pytest.raises(AssertionError, match="t must be"):

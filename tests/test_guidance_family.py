@@ -144,18 +144,23 @@ def _all_methods(s, w, batched):
     }
 
 
-def test_scale_zero_is_the_unguided_step_bit_for_bit(cond):
-    """s = 0 (and w = 1 for CFG) returns the unguided conditional step exactly, on the sequential path."""
+def test_scale_zero_is_the_unguided_step(cond):
+    """s = 0 (and w = 1 for CFG) returns the unguided conditional step, on the sequential path:
+    exactly for SEG and CFG (eps + s(...) forms), up to one float32 rounding for SAG and PAG, which
+    compute the official eps_bar + (1 + s)(eps - eps_bar)."""
     model, diffusion, x, noise, y = cond
     with torch.no_grad():
         plain = guided_step(model, diffusion, x, T_INDEX, y=y, noise=noise)
         for name, method in _all_methods(0.0, 1.0, batched=False).items():
             info = guided_step(model, diffusion, x, T_INDEX, guidance=method, y=y, noise=noise)
             assert info.sag is not None, name
-            assert torch.equal(info.eps, plain.eps) and torch.equal(info.x_prev, plain.x_prev), name
+            if name in ("SEG", "CFG"):
+                assert torch.equal(info.eps, plain.eps) and torch.equal(info.x_prev, plain.x_prev), name
+            else:
+                assert max_err(info.eps, plain.eps) <= 1e-6 and max_err(info.x_prev, plain.x_prev) <= 1e-5, name
         # DDIM uses only the guided eps, so the same holds there; checked once.
         ddim = [guided_step(model, diffusion, x, T_INDEX, guidance=g, y=y, use_ddim=True).x_prev
-                for g in (None, PAGConfig(scale=0.0, batched=False))]
+                for g in (None, SEGConfig(scale=0.0, batched=False))]
     assert torch.equal(*ddim)
 
 

@@ -13,7 +13,9 @@ def setup():
     return loaded.model, loaded.diffusion, reference("adm_uncond")
 
 
-def test_scale_zero_is_the_unguided_step_bit_for_bit(setup):
+def test_scale_zero_is_the_unguided_step_up_to_one_rounding(setup):
+    """s = 0 (official g = 1.0): eps_bar + 1.0 (eps - eps_bar), the official form, is eps up to one
+    float32 rounding, so the step is the unguided one to ~1e-7."""
     model, diffusion, ref = setup
     x, noise = ref["loop_x_T"], ref["loop_noise"][0]
     for use_ddim in (False, True):
@@ -21,7 +23,18 @@ def test_scale_zero_is_the_unguided_step_bit_for_bit(setup):
             with torch.no_grad():
                 guided = guided_step(model, diffusion, x, 5, guidance=config, noise=noise, use_ddim=use_ddim)
                 plain = guided_step(model, diffusion, x, 5, noise=noise, use_ddim=use_ddim)
-            assert torch.equal(guided.x_prev, plain.x_prev)
+            assert max_err(guided.eps, plain.eps) <= 1e-6
+            assert max_err(guided.x_prev, plain.x_prev) <= 1e-5
+
+
+def test_guided_eps_is_computed_in_the_official_form(setup):
+    """eps_bar + g (eps - eps_bar) with g = 1 + s, bit for bit (the official rounding)."""
+    model, diffusion, ref = setup
+    config = SAGConfig(scale=0.8, site="output.2", blur_sigma=3.0)
+    with torch.no_grad():
+        step = sag_step(model, diffusion, ref["loop_x_T"], torch.full((2,), 5), config)
+    official = step.eps_degraded + 1.8 * (step.first.eps - step.eps_degraded)
+    assert torch.equal(step.guided_eps, official)
 
 
 def test_empty_mask_without_clipping_gives_x_bar_equal_to_x_t(setup):
@@ -84,3 +97,16 @@ def test_non_finite_values_name_the_step(setup):
     x_T = torch.full((1, 3, 32, 32), float("nan"))
     with pytest.raises(NonFiniteError, match="step 0"):
         sample(model, diffusion, (1, 3, 32, 32), x_T=x_T)
+
+
+def test_last_ancestral_step_needs_no_noise(setup):
+    """At t = 0 the official step adds 1[t != 0] * sigma * z = 0, so noise may be omitted there
+    (and only there)."""
+    model, diffusion, ref = setup
+    x = ref["loop_x_T"]
+    with torch.no_grad():
+        without = guided_step(model, diffusion, x, 0, guidance=SAGConfig(site="output.2"))
+        with_noise = guided_step(model, diffusion, x, 0, guidance=SAGConfig(site="output.2"), noise=torch.randn_like(x))
+    assert torch.equal(without.x_prev, with_noise.x_prev)
+    with pytest.raises(ValueError, match="needs noise"):
+        guided_step(model, diffusion, x, 3)
