@@ -671,6 +671,26 @@ def _check_sites(r: ResolvedFlags, sites: Sequence[str], flag: str) -> None:
             raise FlagError(f"{flag} points at {site_to_official_module(site)}, which is not an attention block of this U-Net: valid sites are {', '.join(valid)}")
 
 
+def _attention_layers(r: ResolvedFlags, names: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Official module names -> (our sites of the names that are attention blocks of this U-Net,
+    the names that are not)."""
+    try:
+        valid = set(attention_sites(unet_config_from_flags(r)))
+    except FlagError:
+        valid = None                             # the model flags fail on their own when used
+    sites, ignored = [], []
+    for name in names:
+        try:
+            site = official_module_to_site(name)
+        except FlagError:
+            site = None
+        if site is None or (valid is not None and site not in valid):
+            ignored.append(str(name))
+        elif site not in sites:
+            sites.append(site)
+    return sites, ignored
+
+
 def _paper_scale(guide_scale: float) -> float:
     """Paper s from the official g = 1 + s, rounded so 1.1 gives 0.1 rather than 0.10000000000000009."""
     return round(float(guide_scale) - 1.0, 12)
@@ -741,7 +761,10 @@ def pag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optiona
     "other_strategies": {...}}``. ``step_range`` is inclusive on respaced indices: PAG applies at
     step t iff end <= t <= start (``--guidance_strategies '{"attention_mask_identity": [start, end]}'``).
     ``drop_rate`` is ``--noise_scale``, the rate the official code really uses (``--drop_rate`` is
-    never read, SPEC.md Q12); 1.0 is the exact identity. ``other_strategies`` lists any other
+    never read, SPEC.md Q12); 1.0 is the exact identity. ``--drop_layers`` names that are no
+    attention block of this U-Net are left out of ``sites`` and listed in ``ignored_layers``: the
+    official code silently ignores them (PROVENANCE.md PAG quirk 4; its ADM-256 default list on a
+    smaller U-Net perturbs only ``middle_block.1``). ``other_strategies`` lists any other
     modes of ``--guidance_strategies`` untouched, for the caller to accept or refuse.
     """
     r = _as_resolved(flags)
@@ -753,12 +776,12 @@ def pag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optiona
         return None
     start, end = _strategy_window(strategies, "attention_mask_identity")
     layers = v.get("drop_layers", PAG_DEFAULTS["drop_layers"])
-    sites = [official_module_to_site(name) for name in layers]
-    _check_sites(r, sites, "--drop_layers")
+    sites, ignored = _attention_layers(r, layers)
     return {
         "scale": _paper_scale(v["guide_scale"]),
         "official_guide_scale": float(v["guide_scale"]),
         "sites": sites,
+        "ignored_layers": ignored,
         "step_range": (start, end),
         "drop_rate": float(v.get("noise_scale", 1.0)),
         "random_layer": bool(v.get("drop_layer_randomly", False)),

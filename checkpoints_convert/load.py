@@ -8,6 +8,8 @@ load is ``torch.load(weights_only=True)`` (``safe_load``) and every failure is o
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -67,26 +69,30 @@ def _preset_guidance(preset: Optional[Preset]):
 
 
 def _guidance_from_flags(resolved, given: Mapping[str, Any]):
-    """SAG settings when the flags ask for SAG (any SAG flag given) with a non-zero scale, else None.
+    """Guidance settings when the flags ask for it, else None.
 
-    ``--guide_scale 1.0`` is the official "no guidance": the official code still runs a second
-    pass whose result equals eps up to rounding (SPEC.md Q9); we skip it.
+    SAG (the SAG repository's flags: any SAG flag given) with a non-zero scale. ``--guide_scale 1.0``
+    is the official "no guidance": the official code still runs a second pass whose result equals
+    eps up to rounding (SPEC.md Q9); we skip it.
 
-    PAG (the PAG repo's ``--guidance_strategies '{"attention_mask_identity": [start, end]}'``)
-    comes first: a ``PAGConfig`` with s = ``--guide_scale`` - 1, the sites of ``--drop_layers``
-    (names that are no attention block raise one line listing the valid ones, where the official
-    code silently ignores them) and the inclusive step range. Only the exact identity exists here:
-    ``--noise_scale`` (the drop rate the official code really uses) below 1, random layer choice
-    and other strategy modes raise one line. PAG's ``--guide_scale 1.0`` is "off" (None), as for SAG.
+    The PAG repository's ``--guidance_strategies '{"attention_mask_identity": [a, b], "sag": [c, d]}'``:
+    each mode guides where start >= t >= end (respaced index), at most one per step; PAG is a
+    ``PAGConfig`` with s = ``--guide_scale`` - 1 and the sites of ``--drop_layers`` (names that are
+    no attention block of this U-Net are ignored with a warning, as the official code ignores them
+    silently), SAG a ``SAGConfig`` on its window; both modes together are a ``sag.schedule.Scheduled``.
+    Only the exact identity exists here: ``--noise_scale`` (the drop rate the official code really
+    uses) below 1, random layer choice and the other modes raise one line.
     """
-    from sag.guidance import SAGConfig
+    from sag.guidance import GuidanceError, SAGConfig
     from sag.perturbed import PAGConfig
+    from sag.schedule import Scheduled
     from .flags import pag_settings_from_flags
     strategies = resolved.values.get("guidance_strategies") or {}
     unsupported = sorted(set(strategies) - {"attention_mask_identity", "sag"})
     if unsupported:   # attention_drop / attention_mask / attention_blur ...: refuse rather than run unguided
         raise FlagError(f"--guidance_strategies modes {unsupported} are not supported; "
-                        "use {\"attention_mask_identity\": [start, end]} (PAG)")
+                        "use {\"attention_mask_identity\": [start, end]} (PAG) and/or {\"sag\": [start, end]}")
+    methods = []
     pag = pag_settings_from_flags(resolved)
     if pag is not None:
         if pag["drop_rate"] != 1.0:
@@ -94,29 +100,35 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any]):
                             "only the identity perturbation (--noise_scale 1.0) is supported")
         if pag["random_layer"]:
             raise FlagError("--drop_layer_randomly True is not supported: PAG perturbs every --drop_layers block at once")
-        if pag["other_strategies"]:
-            raise FlagError(f"--guidance_strategies modes {sorted(pag['other_strategies'])} are not supported "
-                            "next to attention_mask_identity; use only {\"attention_mask_identity\": [start, end]}")
-        if pag["scale"] == 0:
-            return None
-        return PAGConfig(scale=pag["scale"], sites=tuple(pag["sites"]), step_range=tuple(pag["step_range"]))
+        if not pag["sites"]:
+            warnings.warn(f"--drop_layers {' '.join(pag['ignored_layers'])} names no attention block of this U-Net: "
+                          "PAG perturbs nothing and its guidance vanishes (official behaviour); sampling unguided",
+                          stacklevel=3)
+        elif pag["ignored_layers"]:
+            warnings.warn(f"--drop_layers {' '.join(pag['ignored_layers'])}: no attention block of this U-Net "
+                          f"there; ignored, as the official PAG code ignores them", stacklevel=3)
+        if pag["sites"] and pag["scale"] != 0:
+            methods.append(PAGConfig(scale=pag["scale"], sites=tuple(pag["sites"]), step_range=tuple(pag["step_range"])))
     settings = sag_settings_from_flags(resolved)
-    if settings is None or not (any(name in given for name in SAG_FLAGS) or "step_range" in settings):
-        return None
-    if settings["scale"] == 0:
-        return None
-    guide_start = settings["guide_start"]
-    if settings.get("step_range") is not None:
-        # The PAG repo's {"sag": [start, end]} runs SAG iff start >= t >= end; our guide_start
-        # (official SAG meaning: guide_start > t) expresses the ranges that reach the last step.
-        start, end = settings["step_range"]
-        if end != 0:
-            raise FlagError(f"--guidance_strategies sag window [{start}, {end}] stops before the last step; "
-                            "only windows ending at 0 are supported")
-        guide_start = start + 1
-    return SAGConfig(scale=settings["scale"], blur_sigma=settings["blur_sigma"], site=settings["site"],
-                     guide_start=guide_start, map_mode=settings.get("map_mode", "official"),
-                     official_num_heads=settings["official_num_heads"])
+    sag_asked = settings is not None and (any(name in given for name in SAG_FLAGS) or "step_range" in settings)
+    if sag_asked and settings["scale"] != 0:
+        guide_start, guide_end = settings["guide_start"], 0
+        if settings.get("step_range") is not None:
+            # The PAG repo's {"sag": [start, end]} runs SAG iff start >= t >= end.
+            start, end = settings["step_range"]
+            guide_start, guide_end = start + 1, end
+        methods.append(SAGConfig(scale=settings["scale"], blur_sigma=settings["blur_sigma"], site=settings["site"],
+                                 guide_start=guide_start, guide_end=guide_end,
+                                 map_mode=settings.get("map_mode", "official"),
+                                 official_num_heads=settings["official_num_heads"]))
+    if len(methods) > 1:
+        scheduled = Scheduled(tuple(methods))
+        try:
+            scheduled.check_steps(max(m.step_range[0] if isinstance(m, PAGConfig) else m.guide_start for m in methods) + 1)
+        except GuidanceError as err:
+            raise FlagError(f"--guidance_strategies {json.dumps(strategies)}: {err}") from None
+        return scheduled
+    return methods[0] if methods else None
 
 
 def _state_and_flags(checkpoint_path, flags, preset):
@@ -170,6 +182,13 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
         diffusion_config = diffusion_config_from_flags(resolved)
     except ConfigError as err:
         raise FlagError(str(err)) from None
+    if resolved.variant == "pag" and unet_config.use_new_attention_order:
+        # The PAG repository's model_fn re-installs QKVAttentionLegacy in every attention block
+        # on every call (PROVENANCE.md PAG quirk 5), so its passes run the legacy head split.
+        warnings.warn("PAG repository flags with --use_new_attention_order True: every attention block runs "
+                      "the legacy head split, as the official PAG code does (the model's own order is not used)",
+                      stacklevel=2)
+        unet_config = dataclasses.replace(unet_config, use_new_attention_order=False)
     model = _build_and_load(UNet, unet_config, state, checkpoint_path, diagnose_mismatch, device)
     guidance = _guidance_from_flags(resolved, given)
     if guidance is None and found is not None and not any(

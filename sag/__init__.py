@@ -8,11 +8,12 @@ from .cfg import CFGConfig, CFGStep, CFGWith, cfg_eps
 from .mask import attention_received, salient_mask
 from .perturbed import PAGConfig, PAGStep, SEGConfig, SEGStep, default_pag_sites
 from .sampling import NonFiniteError, StepInfo, guided_step, sample
+from .schedule import Scheduled
 from .seeding import SampleNoise
 
 __all__ = [
     "CFGConfig", "CFGStep", "CFGWith", "PAGConfig", "PAGStep", "SEGConfig", "SEGStep", "cfg_eps", "default_pag_sites",
-    "GuidanceError", "NonFiniteError", "SAGConfig", "SAGStep", "SampleNoise", "StepInfo", "attention_received",
+    "GuidanceError", "NonFiniteError", "SAGConfig", "SAGStep", "SampleNoise", "Scheduled", "StepInfo", "attention_received",
     "blur_guidance", "classifier_grad", "gaussian_blur", "gaussian_kernel_1d", "guided_step", "run_model",
     "sag_step", "salient_mask", "sample",
 ]

@@ -274,11 +274,13 @@ def test_pag_settings_absent_or_malformed():
         pag_settings_from_flags(resolve_flags(dict(flags, guidance_strategies={"attention_mask_identity": [0, 10]})))
     with pytest.raises(FlagError, match="not valid JSON"):
         resolve_flags(dict(flags, guidance_strategies="{attention_mask_identity: [1, 0]}"))
-    # the official default layers (ADM-256 indices) do not exist on the tiny fixture U-Net
+    # the official default layers (ADM-256 indices): on the tiny fixture U-Net only middle_block.1
+    # is an attention block; the others are ignored, as the official code ignores them
     default_layers = dict(official_flags("pag_adm"))
     del default_layers["drop_layers"]
-    with pytest.raises(FlagError, match="input_blocks.14.1, which is not an attention block"):
-        pag_settings_from_flags(resolve_flags(default_layers))
+    p = pag_settings_from_flags(resolve_flags(default_layers))
+    assert p["sites"] == ["middle"]
+    assert p["ignored_layers"] == ["input_blocks.14.1", "input_blocks.16.1", "input_blocks.17.1"]
 
 
 @pytest.mark.parametrize("module,site", [("input_blocks.14.1", "input.14"), ("middle_block.1", "middle"),

@@ -45,15 +45,60 @@ def test_compat_api_sets_up_official_pag(ddpm):
 
 
 @pytest.mark.parametrize("override, words", [
-    (dict(drop_layers=["input_blocks.5.1", "input_blocks.6.1"]), "valid sites"),   # official: silently ignored
     (dict(noise_scale=0.5), "only the identity"),
-    (dict(guidance_strategies={"attention_mask_identity": [10, 0], "sag": [5, 0]}), "not supported"),
+    (dict(guidance_strategies={"attention_mask_identity": [10, 0], "sag": [5, 0]}), "at most one"),  # official: ValueError
     (dict(guidance_strategies={"attention_drop": [10, 0]}), "not supported"),      # not silently unguided
 ])
 def test_compat_api_refuses_what_it_does_not_reproduce(override, words):
     with pytest.raises(FlagError) as err:
         load_case("pag_adm", **override)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_drop_layers_that_are_no_attention_block_are_ignored_as_officially():
+    """PROVENANCE.md PAG quirk 4: the official code silently skips names that match no AttentionBlock
+    (its ADM-256 default list on this U-Net perturbs only middle_block.1); we skip them with a warning."""
+    with pytest.warns(UserWarning, match="input_blocks.6.1"):
+        g = load_case("pag_adm", drop_layers=["input_blocks.5.1", "input_blocks.6.1"]).guidance
+    assert g.sites == ("input.5",)
+    with pytest.warns(UserWarning, match="input_blocks.14.1 input_blocks.16.1 input_blocks.17.1"):
+        g = load_case("pag_adm", drop_layers=["input_blocks.14.1", "input_blocks.16.1", "input_blocks.17.1",
+                                              "middle_block.1"]).guidance
+    assert g.sites == ("middle",)
+    with pytest.warns(UserWarning, match="perturbs nothing"):
+        assert load_case("pag_adm", drop_layers=["input_blocks.6.1"]).guidance is None
+
+
+def test_sag_and_pag_on_disjoint_windows(ref):
+    """{"attention_mask_identity": [9, 5], "sag": [3, 1]}: PAG at t = 9..5, SAG at t = 3..1, plain
+    steps at 4 and 0 (the PAG repository's p_sample picks the one mode whose window holds t)."""
+    from sag import SAGConfig, SAGStep
+    from sag.perturbed import PAGStep
+    from sag.schedule import Scheduled
+    loaded = load_case("pag_adm", guidance_strategies={"attention_mask_identity": [9, 5], "sag": [3, 1]})
+    g = loaded.guidance
+    assert isinstance(g, Scheduled)
+    pag, sag = g.methods
+    assert isinstance(pag, PAGConfig) and pag.step_range == (9, 5) and pag.scale == pytest.approx(3.0)
+    assert isinstance(sag, SAGConfig) and (sag.guide_start, sag.guide_end, sag.map_mode) == (4, 1, "official")
+    steps = []
+    sample(loaded.model, loaded.diffusion, (2, 3, 32, 32), guidance=g, x_T=ref["loop_x_T"],
+           noise=list(ref["loop_noise"]), callback=steps.append)
+    kinds = {s.t: type(s.sag).__name__ for s in steps}
+    assert kinds == {9: "PAGStep", 8: "PAGStep", 7: "PAGStep", 6: "PAGStep", 5: "PAGStep", 4: "NoneType",
+                     3: "SAGStep", 2: "SAGStep", 1: "SAGStep", 0: "NoneType"}
+    assert all(isinstance(s.sag, (PAGStep, SAGStep, type(None))) for s in steps)
+
+
+def test_new_attention_order_runs_the_legacy_split_under_pag_flags(ref, tmp_path):
+    """PAG quirk 5: the PAG repository's model_fn puts QKVAttentionLegacy in every block on every
+    call, so with PAG flags a new-order model runs the legacy split (the weights are the same)."""
+    plain = load_case("pag_adm").model
+    with pytest.warns(UserWarning, match="legacy head split"):
+        loaded = load_case("pag_adm", use_new_attention_order=True)
+    assert loaded.model.config.use_new_attention_order is False
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ref["fwd_x"], ref["fwd_t"]).output, plain(ref["fwd_x"], ref["fwd_t"]).output)
 
 
 def test_guide_scale_one_is_no_guidance():
