@@ -1,6 +1,6 @@
 """Measuring the demo model: a Frechet distance in the feature space of a small shape classifier.
 
-    python -m sag.demo_eval --num 1000 --respacing 25 --out demo_eval.json
+    python -m sag.demo_eval --num 1000 --respacing ddim25 --ddim --threads 2 --out demo_eval.json
 
 FID's Inception network knows nothing of 32 px procedural shapes, so the features here come from a
 small CNN (``FeatureNet``) trained on ``sag.demo_data`` to name the largest shape (circle, square,
@@ -130,33 +130,36 @@ def default_rows():
     from .demo import DEMO_SAG
     from .guidance import blur_guidance
     rows = [("no guidance", None)]
-    rows += [(f"SAG s={s}", replace(DEMO_SAG, scale=s)) for s in (0.3, 0.6, 1.0)]
+    rows += [(f"SAG s={s}", replace(DEMO_SAG, scale=s)) for s in (0.1, 0.3, 0.6, 1.0)]
     rows += [("blur guidance s=0.3", blur_guidance(0.3, DEMO_SAG.blur_sigma, kernel_size=DEMO_SAG.kernel_size))]
     return rows
 
 
-def generate_samples(loaded, guidance, num: int, batch_size: int, first_seed: int = 0) -> torch.Tensor:
+def generate_samples(loaded, guidance, num: int, batch_size: int, first_seed: int = 0,
+                     use_ddim: bool = False) -> torch.Tensor:
     from .sampling import sample
     out = []
     for start in range(first_seed, first_seed + num, batch_size):
         seeds = list(range(start, min(start + batch_size, first_seed + num)))
-        out.append(sample(loaded.model, loaded.diffusion, (len(seeds), 3, 32, 32), guidance=guidance, seed=seeds))
+        out.append(sample(loaded.model, loaded.diffusion, (len(seeds), 3, 32, 32), guidance=guidance, seed=seeds,
+                          use_ddim=use_ddim))
     return torch.cat(out)
 
 
-def evaluate(num: int = 1000, respacing: str = "25", batch_size: int = 100, rows=None, out=None,
-             threads: int = 1, grid_dir=None, log=print) -> dict:
+def evaluate(num: int = 1000, respacing: str = "50", batch_size: int = 100, rows=None, out=None,
+             threads: int = 1, grid_dir=None, log=print, use_ddim: bool = False) -> dict:
     from .demo import load_demo
     torch.set_num_threads(threads)
     net = load_features()
     reference, _ = demo_data.batch(range(num), seed=REFERENCE_SEED)
     second, _ = demo_data.batch(range(num, 2 * num), seed=REFERENCE_SEED)
     ref_stats = statistics(embed(net, reference))
-    result = {"num": num, "respacing": respacing, "sampler": "ancestral (DDPM), learned variance", "seeds": [0, num - 1],
+    sampler = "DDIM, eta 0" if use_ddim else "ancestral (DDPM), learned variance"
+    result = {"num": num, "respacing": respacing, "sampler": sampler, "seeds": [0, num - 1],
               "reference": f"demo_data seed {REFERENCE_SEED}, indices 0..{num - 1}", "rows": []}
     if out and Path(out).is_file():                          # resume: keep rows already measured
         old = json.loads(Path(out).read_text())
-        if old.get("num") == num and old.get("respacing") == respacing:
+        if old.get("num") == num and old.get("respacing") == respacing and old.get("sampler") == sampler:
             result["rows"] = old["rows"]
     done = {row["name"] for row in result["rows"]}
     if "data vs data" not in done:
@@ -167,7 +170,7 @@ def evaluate(num: int = 1000, respacing: str = "25", batch_size: int = 100, rows
         if name in done:
             continue
         start = time.time()
-        images = generate_samples(loaded, guidance, num, batch_size)
+        images = generate_samples(loaded, guidance, num, batch_size, use_ddim=use_ddim)
         fd = frechet_distance(*ref_stats, *statistics(embed(net, images)))
         with torch.no_grad():
             labels = net(images).argmax(1).bincount(minlength=demo_data.NUM_CLASSES).tolist()
@@ -186,7 +189,7 @@ def evaluate(num: int = 1000, respacing: str = "25", batch_size: int = 100, rows
 
 def markdown(result: dict) -> str:
     lines = [f"| guidance | FD (features of the demo shape classifier, {result['num']} samples, "
-             f"{result['respacing']} steps) |", "|---|---:|"]
+             f"{result['respacing']} steps, {result['sampler']}) |", "|---|---:|"]
     lines += [f"| {row['name']} | {row['fd']:.3f} |" for row in result["rows"]]
     return "\n".join(lines)
 
@@ -194,12 +197,13 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=1000, help="samples per row (and reference images)")
-    parser.add_argument("--respacing", default="25", help="timestep respacing of the demo process")
+    parser.add_argument("--respacing", default="50", help="timestep respacing of the demo process (the demo default: 50)")
+    parser.add_argument("--ddim", action="store_true", help="DDIM (eta 0) instead of the ancestral sampler")
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="", help="JSON of the results (rows already in it are kept)")
     parser.add_argument("--rows", default="", help="comma-separated row numbers of the default table to run "
-                        "(0 = no guidance, 1-3 = SAG 0.3/0.6/1.0, 4 = blur 0.3); default all")
+                        "(0 = no guidance, 1-4 = SAG 0.1/0.3/0.6/1.0, 5 = blur 0.3); default all")
     parser.add_argument("--merge", nargs="*", default=[], help="only merge these result JSONs into --out and print the table")
     parser.add_argument("--grids", default="", help="folder for 8 x 8 sample grids of every row")
     parser.add_argument("--train_features", type=float, default=0.0, metavar="MINUTES",
@@ -221,7 +225,7 @@ def main(argv=None) -> None:
     if args.rows:
         rows = [rows[int(i)] for i in args.rows.split(",")]
     result = evaluate(args.num, args.respacing, args.batch_size, rows=rows, out=args.out or None, threads=args.threads,
-                      grid_dir=args.grids or None, log=lambda s: print(s, flush=True))
+                      grid_dir=args.grids or None, log=lambda s: print(s, flush=True), use_ddim=args.ddim)
     print(markdown(result))
     print("\ncommand: python -m sag.demo_eval " + " ".join(argv if argv is not None else sys.argv[1:]))
 

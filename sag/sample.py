@@ -485,7 +485,8 @@ def _own_guidance_flags(args, loaded, fmt: str, flags: Dict[str, Any]):
 def resolve_model(args, official: Dict[str, str], device: torch.device) -> Resolved:
     """The model to sample from: ``--model_path`` (official or sag checkpoint), or the embedded demo model.
 
-    With no ``--model_path`` this is the embedded demo model (``sag.demo.load_demo``, 50 steps).
+    With no ``--model_path`` this is the embedded demo model (``sag.demo.load_demo``; 50 ancestral steps
+    unless ``--timestep_respacing`` / ``--use_ddim`` say otherwise; the README runs 25 DDIM steps).
     """
     from checkpoints_convert.load import load_checkpoint, load_official
     from checkpoints_convert.safe_load import sha256_file

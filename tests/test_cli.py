@@ -271,11 +271,12 @@ def test_readme_main_command_on_the_embedded_demo_model(tmp_path):
     import numpy as np
     from PIL import Image
     out = tmp_path / "demo"
-    assert main(["--num_samples", "3", "--timestep_respacing", "5", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--num_samples", "3", "--use_ddim", "True", "--timestep_respacing", "ddim5", "--out", str(out),
+                 "--no-progress"]) == 0
     arr = np.load(out / "samples_3x32x32x3.npz")["arr_0"]
     assert arr.shape == (3, 32, 32, 3) and arr.dtype == np.uint8
     sidecar = json.loads((out / "samples.json").read_text())
-    assert sidecar["settings"]["guidance"]["method"] == "sag"
+    assert sidecar["settings"]["guidance"]["method"] == "sag" and sidecar["settings"]["sampler"] == "ddim"
     with Image.open(out / "side_by_side.png") as grid:      # unguided row over the SAG row
         assert grid.size[1] > 2 * 32
 
