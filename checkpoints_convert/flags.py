@@ -659,25 +659,27 @@ def attention_sites(config: UNetConfig) -> List[str]:
     return sites
 
 
+def _valid_sites(r: ResolvedFlags) -> Optional[List[str]]:
+    """The attention sites of the U-Net the flags describe; None when the model flags themselves
+    fail (they fail on their own, with their own message, when the model is built)."""
+    try:
+        return attention_sites(unet_config_from_flags(r))
+    except FlagError:
+        return None
+
+
 def _check_sites(r: ResolvedFlags, sites: Sequence[str], flag: str) -> None:
     """Refuse sites that name no attention block of this U-Net (officially: a crash or a silent no-op)."""
-    try:
-        config = unet_config_from_flags(r)
-    except FlagError:
-        return                                   # the model flags fail on their own when used
-    valid = attention_sites(config)
+    valid = _valid_sites(r)
     for site in sites:
-        if site not in valid:
+        if valid is not None and site not in valid:
             raise FlagError(f"{flag} points at {site_to_official_module(site)}, which is not an attention block of this U-Net: valid sites are {', '.join(valid)}")
 
 
 def _attention_layers(r: ResolvedFlags, names: Sequence[str]) -> Tuple[List[str], List[str]]:
     """Official module names -> (our sites of the names that are attention blocks of this U-Net,
     the names that are not)."""
-    try:
-        valid = set(attention_sites(unet_config_from_flags(r)))
-    except FlagError:
-        valid = None                             # the model flags fail on their own when used
+    valid = _valid_sites(r)
     sites, ignored = [], []
     for name in names:
         try:

@@ -68,7 +68,7 @@ def _preset_guidance(preset: Optional[Preset]):
                      map_mode=rec.get("map_mode", "official"), official_num_heads=rec.get("official_num_heads", 4))
 
 
-def _guidance_from_flags(resolved, given: Mapping[str, Any]):
+def _guidance_from_flags(resolved, given: Mapping[str, Any], num_steps: int):
     """Guidance settings when the flags ask for it, else None.
 
     SAG (the SAG repository's flags: any SAG flag given) with a non-zero scale. ``--guide_scale 1.0``
@@ -79,7 +79,8 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any]):
     each mode guides where start >= t >= end (respaced index), at most one per step; PAG is a
     ``PAGConfig`` with s = ``--guide_scale`` - 1 and the sites of ``--drop_layers`` (names that are
     no attention block of this U-Net are ignored with a warning, as the official code ignores them
-    silently), SAG a ``SAGConfig`` on its window; both modes together are a ``sag.schedule.Scheduled``.
+    silently), SAG a ``SAGConfig`` on its window; both modes together are a ``sag.schedule.Scheduled``,
+    whose windows may not overlap on the ``num_steps`` respaced steps the sampler visits.
     Only the exact identity exists here: ``--noise_scale`` (the drop rate the official code really
     uses) below 1, random layer choice and the other modes raise one line.
     """
@@ -92,7 +93,7 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any]):
     if unsupported:   # attention_drop / attention_mask / attention_blur ...: refuse rather than run unguided
         raise FlagError(f"--guidance_strategies modes {unsupported} are not supported; "
                         "use {\"attention_mask_identity\": [start, end]} (PAG) and/or {\"sag\": [start, end]}")
-    methods = []
+    methods = []                 # each gated by its own window
     pag = pag_settings_from_flags(resolved)
     if pag is not None:
         if pag["drop_rate"] != 1.0:
@@ -124,7 +125,7 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any]):
     if len(methods) > 1:
         scheduled = Scheduled(tuple(methods))
         try:
-            scheduled.check_steps(max(m.step_range[0] if isinstance(m, PAGConfig) else m.guide_start for m in methods) + 1)
+            scheduled.check_steps(num_steps)
         except GuidanceError as err:
             raise FlagError(f"--guidance_strategies {json.dumps(strategies)}: {err}") from None
         return scheduled
@@ -190,11 +191,12 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
                       stacklevel=2)
         unet_config = dataclasses.replace(unet_config, use_new_attention_order=False)
     model = _build_and_load(UNet, unet_config, state, checkpoint_path, diagnose_mismatch, device)
-    guidance = _guidance_from_flags(resolved, given)
+    diffusion = GaussianDiffusion.from_config(diffusion_config)
+    guidance = _guidance_from_flags(resolved, given, diffusion.num_timesteps)
     if guidance is None and found is not None and not any(
             name in given for name in SAG_FLAGS + ("guidance_strategies", "drop_layers")):
         guidance = _preset_guidance(found)       # no guidance flags given: the preset's recommendation
-    return LoadedModel(model, GaussianDiffusion.from_config(diffusion_config), guidance, dict(resolved.values), found)
+    return LoadedModel(model, diffusion, guidance, dict(resolved.values), found)
 
 
 def load_official_classifier(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *, device="cpu") -> LoadedClassifier:

@@ -27,12 +27,9 @@ class Scheduled:
         object.__setattr__(self, "methods", methods)
 
     def check_steps(self, num_steps: int) -> None:
-        """One line naming the first step that two methods would both guide (the official error)."""
+        """Raise at the first of steps 0..num_steps-1 that two methods would both guide (the official error)."""
         for t in range(num_steps):
-            active = [type(m).__name__ for m in self.methods if m.active_at(t)]
-            if len(active) > 1:
-                raise GuidanceError(f"step t={t} is in the windows of {', '.join(active)}: "
-                                    "at most one guidance method may run at a step")
+            self.for_step(t)
 
     def active_at(self, t_index: int) -> bool:
         return any(m.active_at(t_index) for m in self.methods)
@@ -41,7 +38,8 @@ class Scheduled:
         """The one method that guides step ``t_index`` (None inside no window)."""
         active = [m for m in self.methods if m.active_at(t_index)]
         if len(active) > 1:
-            raise GuidanceError(f"step t={t_index}: {len(active)} guidance methods are active; at most one may run")
+            raise GuidanceError(f"step t={t_index} is in the windows of {', '.join(type(m).__name__ for m in active)}: "
+                                "at most one guidance method may run at a step")
         return active[0] if active else None
 
     def attention_sites(self) -> List[str]:
