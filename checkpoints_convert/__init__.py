@@ -5,14 +5,18 @@ Compatibility API (a public contract)::
 
     loaded = load_official(checkpoint_path, flags)   # .model, .diffusion, .guidance
     classifier = load_official_classifier(path, flags)
+
+Where the flags not given take their values from: :mod:`checkpoints_convert.resolve`
+(``resolve_checkpoint`` applies the rule to a state dict, also one of ``device="meta"`` tensors).
 """
 from .errors import CheckpointError, FlagError
 from .keymap import KeyMismatch, key_map, official_to_ours, ours_to_official
 from .load import (LoadedClassifier, LoadedModel, load_checkpoint, load_official, load_official_classifier,
                    save_checkpoint)
+from .resolve import Resolution, resolve_checkpoint
 
 __all__ = [
-    "CheckpointError", "FlagError", "KeyMismatch", "LoadedClassifier", "LoadedModel", "key_map",
+    "CheckpointError", "FlagError", "KeyMismatch", "LoadedClassifier", "LoadedModel", "Resolution", "key_map",
     "load_checkpoint", "load_official", "load_official_classifier", "official_to_ours", "ours_to_official",
-    "save_checkpoint",
+    "resolve_checkpoint", "save_checkpoint",
 ]

@@ -47,7 +47,7 @@ __all__ = [
     "IMPROVED_MODEL_DEFAULTS", "IMPROVED_SUPER_RES_DEFAULTS", "IMPROVED_SAMPLE_DEFAULTS",
     "GUIDED_CHANNEL_MULT", "GUIDED_SUPER_RES_CHANNEL_MULT", "IMPROVED_CHANNEL_MULT",
     "IMPROVED_SUPER_RES_CHANNEL_MULT", "CLASSIFIER_CHANNEL_MULT",
-    "str2bool", "resolve_flags", "unet_config_from_flags", "diffusion_config_from_flags",
+    "str2bool", "resolve_flags", "normalise_flags", "family_from_names", "recommended_sag_site", "unet_config_from_flags", "diffusion_config_from_flags",
     "classifier_config_from_flags", "sag_settings_from_flags", "pag_settings_from_flags",
     "official_module_to_site", "site_to_official_module", "attention_sites",
     "attention_factors", "valid_flag_names",
@@ -197,6 +197,14 @@ _IMPROVED_NAMES = frozenset(IMPROVED_MODEL_DEFAULTS) | frozenset(IMPROVED_SUPER_
     | frozenset(IMPROVED_SAMPLE_DEFAULTS)
 _GUIDED_ONLY = _GUIDED_NAMES - _IMPROVED_NAMES          # num_head_channels, resblock_updown, SAG/PAG/classifier ...
 _IMPROVED_ONLY = _IMPROVED_NAMES - _GUIDED_NAMES        # sigma_small
+# Names that describe no network and no diffusion process -- the guidance (SAG / PAG repositories),
+# the classifier and the sampling scripts' flags: both families take them (sag guides any ADM / IDDPM
+# U-Net), with the defaults of the scripts that define them.
+_NETWORK_FREE = _SAG_NAMES | frozenset(PAG_DEFAULTS) | frozenset(GUIDED_CLASSIFIER_DEFAULTS) \
+    | frozenset(GUIDED_SAMPLE_DEFAULTS)
+# guided-diffusion names that do describe the network (num_head_channels, channel_mult, resblock_updown,
+# use_new_attention_order, use_fp16): improved-diffusion takes them only at the value it builds anyway.
+_GUIDED_MODEL_ONLY = frozenset(GUIDED_MODEL_DEFAULTS) - frozenset(IMPROVED_MODEL_DEFAULTS)
 
 # Flags whose value type is not the type of their default (official argparse special cases).
 _FLOAT_FLAGS = frozenset({"blur_sigma"})                # official type int; "3.5" accepted here
@@ -207,10 +215,11 @@ _CSV_FLAGS = frozenset({"attention_resolutions", "channel_mult", "classifier_att
 
 
 def valid_flag_names(family: Optional[Family] = None) -> frozenset:
-    """Every flag name the official scripts of ``family`` accept (both families when None)."""
+    """Every flag name the official scripts of ``family`` accept (both families when None); the
+    improved family also takes the network-free guidance, classifier and sampling flags."""
     if family is None:
         return _GUIDED_NAMES | _IMPROVED_NAMES
-    return _GUIDED_NAMES if family == "guided" else _IMPROVED_NAMES
+    return _GUIDED_NAMES if family == "guided" else _IMPROVED_NAMES | _NETWORK_FREE
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,8 +341,9 @@ class ResolvedFlags:
     """A complete official flag set: what the official argparse would hand to ``create_*``.
 
     family:   "guided" (guided-diffusion and its SAG / PAG forks) or "improved" (improved-diffusion).
-    variant:  which guided script's table applied: "openai", "sag" (SAG flags given) or "pag"
-              (PAG-only flags given: ``guide_scale`` then defaults to 4.0). Always "openai" for improved.
+    variant:  which script's guidance table applied: "openai", "sag" (SAG flags given) or "pag"
+              (PAG-only flags given: ``guide_scale`` then defaults to 4.0). The guidance, classifier
+              and sampling flags describe no network, so both families take them.
     super_res: the upsampler scripts' flags (``large_size`` / ``small_size``) were given; then
               ``values["image_size"]`` is set to ``large_size``.
     values:   every flag of the family with its parsed value (given or default). Treat as read-only.
@@ -352,6 +362,11 @@ def _normalise_name(name: Any) -> str:
     return name[2:] if name.startswith("--") else name
 
 
+def normalise_flags(flags: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A flag dict keyed by the names without their leading ``--`` (values untouched)."""
+    return {_normalise_name(name): value for name, value in (flags or {}).items()}
+
+
 def _unknown_flag_error(name: str, valid: Iterable[str], family: Optional[str]) -> FlagError:
     close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.5)
     where = f"{family}-diffusion" if family else "official"
@@ -359,16 +374,54 @@ def _unknown_flag_error(name: str, valid: Iterable[str], family: Optional[str]) 
     return FlagError(f"unknown {where} flag --{name}: {hint}")
 
 
-def _infer_family(names: Iterable[str]) -> Family:
+def family_from_names(names: Iterable[str]) -> Optional[Family]:
+    """The repository that flag names reveal, or None when every name is common to both.
+
+    An improved-diffusion-only name (``sigma_small``) means improved; otherwise any guided-only name
+    (``num_head_channels``, ``resblock_updown``, ``use_fp16``, the SAG / PAG / classifier flags) means
+    guided. Improved-only and guided-only network names together are a FlagError naming both.
+    """
     names = set(names)
     improved = sorted(names & _IMPROVED_ONLY)
-    guided = sorted(names & _GUIDED_ONLY)
+    guided = sorted(names & _GUIDED_MODEL_ONLY)
     if improved and guided:
         raise FlagError(
             f"flags mix improved-diffusion (--{', --'.join(improved)}) and guided-diffusion "
             f"(--{', --'.join(guided[:3])}{', ...' if len(guided) > 3 else ''}) names; a checkpoint comes "
             f"from one repository: drop one set or pass family= explicitly")
-    return "improved" if improved else "guided"
+    if improved:
+        return "improved"
+    return "guided" if names & _GUIDED_ONLY else None
+
+
+def _infer_family(names: Iterable[str]) -> Family:
+    return family_from_names(names) or "guided"
+
+
+def _foreign_flag_problem(name: str, value: Any, family: Family, values: Mapping[str, Any]) -> Optional[str]:
+    """Why a flag of the other repository would change what ``family`` builds, or None when its
+    value is what that repository builds anyway (then it is accepted and has no effect)."""
+    if family == "guided":                                  # sigma_small
+        if not str2bool(value, name) or values["learn_sigma"]:
+            return None                                     # learned variances ignore it
+        return "guided-diffusion has no small fixed variance: with --learn_sigma False it always uses the large one"
+    parsed = _parse_value(name, value, GUIDED_MODEL_DEFAULTS[name])
+    if name == "use_fp16":
+        return None                                         # a GPU speed switch, not the network
+    if name == "num_head_channels":
+        return None if parsed == -1 else "improved-diffusion splits attention into --num_heads heads, never by head width"
+    if name in ("resblock_updown", "use_new_attention_order"):
+        return None if not parsed else {"resblock_updown": "improved-diffusion always resamples with convolutions",
+                                         "use_new_attention_order": "improved-diffusion's attention has the legacy order"}[name]
+    table = IMPROVED_SUPER_RES_CHANNEL_MULT if "large_size" in values else IMPROVED_CHANNEL_MULT
+    builds = table.get(values.get("large_size", values["image_size"]))
+    if not parsed or (builds is not None and _parse_channel_mult(parsed) == builds):
+        return None
+    return f"improved-diffusion fixes channel_mult by the image size ({_fmt_mult(builds) if builds else 'none for this size'})"
+
+
+def _fmt_mult(mult) -> str:
+    return ",".join(_fmt_number(m) for m in mult)
 
 
 def resolve_flags(flags: Mapping[str, Any], family: Optional[Family] = None) -> ResolvedFlags:
@@ -377,19 +430,18 @@ def resolve_flags(flags: Mapping[str, Any], family: Optional[Family] = None) -> 
     Args:
         flags: flag name (with or without ``--``) -> value; values may be Python values or
             argparse-style strings ("True", "16,8", "250").
-        family: "guided" or "improved"; inferred when None: improved-only names (``sigma_small``)
-            mean improved, guided-only names (``num_head_channels``, ``resblock_updown``,
-            ``use_new_attention_order``, ``use_fp16``, SAG / PAG / classifier flags) mean guided,
-            both is an error, neither means guided.
+        family: "guided" or "improved"; inferred when None by :func:`family_from_names`, neither
+            meaning guided. (Loading a checkpoint decides it otherwise: checkpoints_convert.resolve.)
 
     Returns: a :class:`ResolvedFlags` whose ``values`` holds every flag of the family.
 
-    Raises FlagError (one line) for an unknown name (with the closest valid one), a name of the
-    other family, a value that does not parse, or upsampler flags mixed with base-model-only ones.
+    A network flag of the other family is accepted only at the value the family builds anyway
+    (``--resblock_updown False`` for improved, ``--sigma_small False`` for guided) and is then left
+    out of ``values``. Raises FlagError (one line) for an unknown name (with the closest valid one),
+    another family's flag that would change the network, a value that does not parse, or upsampler
+    flags mixed with base-model-only ones.
     """
-    given: Dict[str, Any] = {}
-    for raw_name, value in flags.items():
-        given[_normalise_name(raw_name)] = value
+    given = normalise_flags(flags)
     everything = valid_flag_names(None)
     for name in given:
         if name not in everything:
@@ -399,31 +451,33 @@ def resolve_flags(flags: Mapping[str, Any], family: Optional[Family] = None) -> 
     elif family not in ("guided", "improved"):
         raise FlagError(f"family must be 'guided' or 'improved', got {family!r}")
     own = valid_flag_names(family)
-    for name in given:
-        if name not in own:
-            other = "improved" if family == "guided" else "guided"
-            raise FlagError(f"--{name} is a {other}-diffusion flag, not a {family}-diffusion one: drop it or use family={other!r}")
+    foreign = {name: value for name, value in given.items() if name not in own}
 
     super_res = bool(set(given) & _SUPER_RES_NAMES)
+    variant = "pag" if set(given) & _PAG_ONLY_NAMES else ("sag" if set(given) & _SAG_NAMES else "openai")
     if family == "guided":
-        variant = "pag" if set(given) & _PAG_ONLY_NAMES else ("sag" if set(given) & _SAG_NAMES else "openai")
         defaults = dict(GUIDED_MODEL_DEFAULTS)
-        defaults.update(GUIDED_CLASSIFIER_DEFAULTS)
-        defaults.update(GUIDED_SAMPLE_DEFAULTS)
-        defaults.update(PAG_DEFAULTS if variant == "pag" else SAG_DEFAULTS)
         if super_res:
             defaults.update(GUIDED_SUPER_RES_DEFAULTS)
     else:
-        variant = "openai"
         defaults = dict(IMPROVED_MODEL_DEFAULTS)
         defaults.update(IMPROVED_SAMPLE_DEFAULTS)
         if super_res:
             defaults.update(IMPROVED_SUPER_RES_DEFAULTS)
+    defaults.update(GUIDED_CLASSIFIER_DEFAULTS)             # the network-free flags: one table for both
+    defaults.update(GUIDED_SAMPLE_DEFAULTS)
+    defaults.update(PAG_DEFAULTS if variant == "pag" else SAG_DEFAULTS)
 
     values = {k: (list(v) if isinstance(v, list) else v) for k, v in defaults.items()}
     for name, value in given.items():
-        default = defaults.get(name, PAG_DEFAULTS.get(name))
-        values[name] = _parse_value(name, value, default)
+        if name not in foreign:
+            values[name] = _parse_value(name, value, defaults.get(name, PAG_DEFAULTS.get(name)))
+    other = "improved" if family == "guided" else "guided"
+    for name, value in foreign.items():
+        problem = _foreign_flag_problem(name, value, family, values)
+        if problem:
+            raise FlagError(f"--{name} is {'an' if other == 'improved' else 'a'} {other}-diffusion flag, not "
+                            f"{'a' if family == 'guided' else 'an'} {family}-diffusion one ({problem}): drop it")
 
     if super_res:
         large = values["large_size"]
@@ -659,6 +713,20 @@ def attention_sites(config: UNetConfig) -> List[str]:
     return sites
 
 
+def recommended_sag_site(config: UNetConfig) -> str:
+    """The SAG site used when none is typed: the official default ``output.2`` (``--sel_attn_block
+    output --sel_attn_depth 2``) where that block has attention -- every released guided-diffusion
+    U-Net --, else the last output block of the deepest decoder level with attention (the
+    improved-diffusion LSUN U-Nets, attention at 16 px only: ``output.5``; CIFAR-10: ``output.7``),
+    else ``middle`` (a U-Net without attention levels)."""
+    sites = attention_sites(config)
+    default = f"output.{SAG_DEFAULTS['sel_attn_depth']}"
+    if default in sites:
+        return default
+    outputs = [site for site in sites if site.startswith("output.")]
+    return outputs[config.num_res_blocks] if outputs else "middle"   # each level has num_res_blocks + 1
+
+
 def _valid_sites(r: ResolvedFlags) -> Optional[List[str]]:
     """The attention sites of the U-Net the flags describe; None when the model flags themselves
     fail (they fail on their own, with their own message, when the model is built)."""
@@ -668,9 +736,8 @@ def _valid_sites(r: ResolvedFlags) -> Optional[List[str]]:
         return None
 
 
-def _check_sites(r: ResolvedFlags, sites: Sequence[str], flag: str) -> None:
+def _check_sites(valid: Optional[Sequence[str]], sites: Sequence[str], flag: str) -> None:
     """Refuse sites that name no attention block of this U-Net (officially: a crash or a silent no-op)."""
-    valid = _valid_sites(r)
     for site in sites:
         if valid is not None and site not in valid:
             raise FlagError(f"{flag} points at {site_to_official_module(site)}, which is not an attention block of this U-Net: valid sites are {', '.join(valid)}")
@@ -698,21 +765,24 @@ def _paper_scale(guide_scale: float) -> float:
     return round(float(guide_scale) - 1.0, 12)
 
 
-def sag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def sag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any],
+                            unet_config: Optional[UNetConfig] = None) -> Optional[Dict[str, Any]]:
     """SAG settings in our terms from the SAG repo's flags (their defaults where not given).
 
     Returns ``{"scale": s = guide_scale - 1, "official_guide_scale": g, "guide_start": int,
     "blur_sigma": float, "site": "output.d" | "middle", "map_mode": "official",
-    "official_num_heads": num_heads}``, or None for improved-diffusion flags (no SAG flags exist
-    there) and for PAG-repo flags without a "sag" mode in ``--guidance_strategies``: that repo's
-    ``--guide_scale`` is the PAG scale; with a "sag" mode the dict adds its ``step_range``).
-    ``map_mode`` is "official" because the published numbers use the model-wide ``num_heads``
-    with the legacy split (SPEC.md Q1/Q2); whether to use it is the caller's decision.
-    Raises FlagError when ``--sel_attn_block/--sel_attn_depth`` name no attention block.
+    "official_num_heads": num_heads}``, or None for PAG-repo flags without a "sag" mode in
+    ``--guidance_strategies`` (that repo's ``--guide_scale`` is the PAG scale; with a "sag" mode
+    the dict adds its ``step_range``). Both families take SAG flags: they describe no network.
+    ``unet_config``: the U-Net guided (default: the one the flags describe); its sites and its
+    ``num_heads`` are used. A site the user did not type never fails: without ``--sel_attn_depth``
+    the output site is :func:`recommended_sag_site`. ``map_mode`` is "official" because the
+    published numbers use the model-wide ``num_heads`` with the legacy split (SPEC.md Q1/Q2);
+    whether to use it is the caller's decision. Any ``--guide_start`` is taken as the official code
+    takes it (guide where guide_start > t; 0 or below: never). Raises FlagError when a typed
+    ``--sel_attn_block/--sel_attn_depth`` names no attention block.
     """
     r = _as_resolved(flags)
-    if r.family != "guided":
-        return None
     v = r.values
     sag_window = None
     if r.variant == "pag":
@@ -722,6 +792,12 @@ def sag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optiona
         if "sag" not in strategies:
             return None
         sag_window = _strategy_window(strategies, "sag")
+    if unet_config is None:
+        try:
+            unet_config = unet_config_from_flags(r)
+        except FlagError:
+            unet_config = None       # the model flags fail on their own, with their own message
+    valid = attention_sites(unet_config) if unet_config is not None else None
     block = v["sel_attn_block"]
     if block == "middle":
         site = "middle"
@@ -730,9 +806,12 @@ def sag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optiona
         if depth < 0:
             raise FlagError(f"--sel_attn_depth must be non-negative, got {depth}")
         site = f"output.{depth}"
+        if "sel_attn_depth" not in r.given and unet_config is not None:
+            recommended = recommended_sag_site(unet_config)
+            site = recommended if recommended.startswith("output.") else site
     else:
         raise FlagError(f"--sel_attn_block {block!r} is not supported by the official SAG code: use output (with --sel_attn_depth) or middle")
-    _check_sites(r, [site], "--sel_attn_block/--sel_attn_depth")
+    _check_sites(valid, [site], "--sel_attn_block/--sel_attn_depth")
     return {
         "scale": _paper_scale(v["guide_scale"]),
         "official_guide_scale": float(v["guide_scale"]),
@@ -740,7 +819,7 @@ def sag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optiona
         "blur_sigma": float(v["blur_sigma"]),
         "site": site,
         "map_mode": "official",
-        "official_num_heads": int(v["num_heads"]),
+        "official_num_heads": int(unet_config.num_heads if unet_config is not None else v["num_heads"]),
         **({"step_range": sag_window} if sag_window is not None else {}),
     }
 
@@ -750,9 +829,9 @@ def _strategy_window(strategies: Mapping[str, Any], mode: str) -> Tuple[int, int
     if not (isinstance(window, (list, tuple)) and len(window) == 2):
         raise FlagError(f"--guidance_strategies {mode} must be [start, end], got {window!r}")
     start, end = (_parse_int(x, "guidance_strategies") for x in window)
-    if not 0 <= end <= start:
-        raise FlagError(f"--guidance_strategies {mode} [{start}, {end}] must satisfy start >= end >= 0 (it applies where end <= t <= start)")
-    return start, end
+    if start < 0 or end < 0:
+        raise FlagError(f"--guidance_strategies {mode} [{start}, {end}] must be non-negative step indices (it applies where end <= t <= start)")
+    return start, end          # start < end: officially no step satisfies it, the mode never runs
 
 
 def pag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -770,8 +849,6 @@ def pag_settings_from_flags(flags: ResolvedFlags | Mapping[str, Any]) -> Optiona
     modes of ``--guidance_strategies`` untouched, for the caller to accept or refuse.
     """
     r = _as_resolved(flags)
-    if r.family != "guided":
-        return None
     v = r.values
     strategies = v.get("guidance_strategies")
     if not strategies or "attention_mask_identity" not in strategies:

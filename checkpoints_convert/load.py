@@ -1,9 +1,11 @@
 """Loading the official checkpoints (and our own format) into our modules.
 
 ``load_official(path, flags)`` is the compatibility entry point: ``flags`` are the official script
-flags (guided-diffusion / improved-diffusion / SAG names and meanings); flags not given take the
-official defaults, or the preset's when the file is recognised; an unknown flag is an error. Every
-load is ``torch.load(weights_only=True)`` (``safe_load``) and every failure is one line.
+flags (guided-diffusion / improved-diffusion / SAG / PAG names and meanings); where the flags not
+given take their values from is the rule of :mod:`checkpoints_convert.resolve` (the file is always
+inspected; a recognised released file's repository decides them; never a silent guess between
+repositories); an unknown flag is an error. Every load is ``torch.load(weights_only=True)``
+(``safe_load``) and every failure is one line.
 """
 from __future__ import annotations
 
@@ -17,19 +19,20 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from diffusion import DiffusionConfig, GaussianDiffusion
-from unet import ConfigError, EncoderUNet, EncoderUNetConfig, UNet, UNetConfig
+from unet import EncoderUNet, UNet, UNetConfig
 
 from .errors import CheckpointError, FlagError
-from .flags import (classifier_config_from_flags, diffusion_config_from_flags, resolve_flags,
-                    sag_settings_from_flags, unet_config_from_flags)
-from .inspect_official import diagnose_classifier_mismatch, diagnose_mismatch, infer_structure
+from .flags import normalise_flags, sag_settings_from_flags
+from .inspect_official import diagnose_classifier_mismatch, diagnose_mismatch
 from .keymap import KeyMismatch, official_to_ours, ours_to_official
-from .presets import Preset, candidates_for, resolve_preset_name
+from .presets import Preset
+from .resolve import Resolution, resolve_checkpoint
 from .safe_load import load_state_dict
 
 FORMAT_TAG = "sag-checkpoint"
 FORMAT_VERSION = 1
 SAG_FLAGS = ("guide_scale", "guide_start", "blur_sigma", "sel_attn_block", "sel_attn_depth")
+GUIDANCE_FLAGS = SAG_FLAGS + ("guidance_strategies", "drop_layers")
 
 
 @dataclass
@@ -68,7 +71,46 @@ def _preset_guidance(preset: Optional[Preset]):
                      map_mode=rec.get("map_mode", "official"), official_num_heads=rec.get("official_num_heads", 4))
 
 
-def _guidance_from_flags(resolved, given: Mapping[str, Any], num_steps: int):
+def _recommended_guidance(resolution: Resolution, source) -> Optional[Any]:
+    """The SAG README's settings for a recognised file given no guidance flags. Released files of
+    one shape (a group the file name and flags did not narrow) must agree on them; otherwise there
+    is no recommendation to make, and a warning says how to pick the file."""
+    names = [p.name for p in resolution.candidates]
+    if len({json.dumps(p.sag, sort_keys=True) for p in resolution.candidates}) > 1:
+        warnings.warn(f"{source} has the shapes of {', '.join(names)}, whose SAG README settings differ: no "
+                      "SAG by default; pass --preset NAME (or the SAG flags) to choose", stacklevel=3)
+        return None
+    return _preset_guidance(resolution.preset)
+
+
+def _window(method) -> str:
+    if hasattr(method, "step_range"):
+        start, end = method.step_range
+        return f"the {type(method).__name__.replace('Config', '')} window {start} >= t >= {end}"
+    if method.guide_start is not None and method.guide_start <= method.guide_end:
+        return f"--guide_start {method.guide_start} (SAG guides where guide_start > t >= {method.guide_end})"
+    return f"the SAG window {method.guide_start} > t >= {method.guide_end}"
+
+
+def _never_guided(window: str, num_steps: int) -> str:
+    return (f"{window} holds none of the {num_steps} sampling steps: it guides no step (the official code "
+            "runs it so too), probably not what was meant")
+
+
+class NeverGuidedWarning(UserWarning):
+    """A guidance window that holds none of the sampling steps (accepted: no step is guided)."""
+
+
+def never_guided_warnings(guidance, num_steps: int) -> list:
+    """One line for each guidance method whose window holds none of the ``num_steps`` sampling
+    steps: accepted, as the official code accepts it, but probably not what was meant."""
+    if guidance is None:
+        return []
+    return [_never_guided(_window(m), num_steps) for m in getattr(guidance, "methods", (guidance,))
+            if not any(m.active_at(t) for t in range(num_steps))]
+
+
+def _guidance_from_flags(resolved, given: Mapping[str, Any], num_steps: int, unet_config=None):
     """Guidance settings when the flags ask for it, else None.
 
     SAG (the SAG repository's flags: any SAG flag given) with a non-zero scale. ``--guide_scale 1.0``
@@ -76,7 +118,9 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any], num_steps: int):
     eps up to rounding (SPEC.md Q9); we skip it.
 
     The PAG repository's ``--guidance_strategies '{"attention_mask_identity": [a, b], "sag": [c, d]}'``:
-    each mode guides where start >= t >= end (respaced index), at most one per step; PAG is a
+    each mode guides where start >= t >= end (respaced index), at most one per step (a window that
+    holds no step -- start < end, or guide_start 0 -- is accepted and guides nothing, with a
+    NeverGuidedWarning); PAG is a
     ``PAGConfig`` with s = ``--guide_scale`` - 1 and the sites of ``--drop_layers`` (names that are
     no attention block of this U-Net are ignored with a warning, as the official code ignores them
     silently), SAG a ``SAGConfig`` on its window; both modes together are a ``sag.schedule.Scheduled``,
@@ -108,11 +152,15 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any], num_steps: int):
         elif pag["ignored_layers"]:
             warnings.warn(f"--drop_layers {' '.join(pag['ignored_layers'])}: no attention block of this U-Net "
                           f"there; ignored, as the official PAG code ignores them", stacklevel=3)
-        if pag["sites"] and pag["scale"] != 0:
-            methods.append(PAGConfig(scale=pag["scale"], sites=tuple(pag["sites"]), step_range=tuple(pag["step_range"])))
-    settings = sag_settings_from_flags(resolved)
-    sag_asked = settings is not None and (any(name in given for name in SAG_FLAGS) or "step_range" in settings)
-    if sag_asked and settings["scale"] != 0:
+        start, end = pag["step_range"]
+        if start < end:          # officially start >= t >= end never holds: PAG runs at no step
+            warnings.warn(_never_guided(f"the PAG window {start} >= t >= {end}", num_steps), NeverGuidedWarning,
+                          stacklevel=3)
+        elif pag["sites"] and pag["scale"] != 0:
+            methods.append(PAGConfig(scale=pag["scale"], sites=tuple(pag["sites"]), step_range=(start, end)))
+    sag_typed = any(name in given for name in SAG_FLAGS) or "sag" in strategies
+    settings = sag_settings_from_flags(resolved, unet_config) if sag_typed else None
+    if settings is not None and settings["scale"] != 0:
         guide_start, guide_end = settings["guide_start"], 0
         if settings.get("step_range") is not None:
             # The PAG repo's {"sag": [start, end]} runs SAG iff start >= t >= end.
@@ -132,18 +180,10 @@ def _guidance_from_flags(resolved, given: Mapping[str, Any], num_steps: int):
     return methods[0] if methods else None
 
 
-def _state_and_flags(checkpoint_path, flags, preset):
+def _resolve_file(checkpoint_path, flags, kind, preset=None, family=None):
     state = load_state_dict(checkpoint_path)
-    given = dict(flags or {})
-    found = None
-    if preset is not None:
-        found = resolve_preset_name(preset)
-    elif not any(k in given for k in ("num_channels", "image_size", "classifier_width")):
-        candidates = candidates_for(state)
-        found = candidates[0] if candidates else None
-    merged = dict(found.official_flags) if found is not None else {}
-    merged.update(given)
-    return state, given, merged, found
+    resolution = resolve_checkpoint(state, flags, kind=kind, preset=preset, family=family, source=str(checkpoint_path))
+    return state, normalise_flags(flags), resolution
 
 
 def _build_and_load(cls, config, state, checkpoint_path, diagnose, device):
@@ -164,25 +204,19 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
                   preset: Optional[str] = None, device="cpu") -> LoadedModel:
     """Load an official guided-diffusion / improved-diffusion checkpoint with the official flags.
 
-    Structural flags the file reveals are checked against it; a mismatch raises one line naming
-    the flag most likely wrong (e.g. 6 output channels -> ``--learn_sigma True``).
+    Flags not given take the values :mod:`checkpoints_convert.resolve` assigns (the recognised
+    released file's README flags and repository defaults; ``preset=`` names the file, ``family=``
+    the repository). Structural flags are checked against the file; a mismatch raises one line
+    naming the flag most likely wrong (e.g. 6 output channels -> ``--learn_sigma True``).
 
-    ``.guidance``: SAG (official map mode) when SAG flags are given with g != 1; PAG for the PAG
+    ``.guidance``: SAG (official map mode) when SAG flags are given with g != 1 (sites and
+    guide_start not typed never fail: see ``sag_settings_from_flags``); PAG for the PAG
     repository's ``--guidance_strategies``; with no guidance flags, the SAG README's recommended
-    settings for a recognised released file (``--preset`` or detection), else None.
+    settings for a recognised released file, else None. A window that guides no step is kept (no
+    step is guided, as officially) with a warning.
     """
-    state, given, merged, found = _state_and_flags(checkpoint_path, flags, preset)
-    kind = infer_structure(state).get("kind")
-    if kind == "classifier":
-        raise CheckpointError(f"{checkpoint_path} is a classifier checkpoint; load it with load_official_classifier")
-    if family is None and found is not None and not given:
-        family = found.family
-    resolved = resolve_flags(merged, family)
-    try:
-        unet_config = unet_config_from_flags(resolved)
-        diffusion_config = diffusion_config_from_flags(resolved)
-    except ConfigError as err:
-        raise FlagError(str(err)) from None
+    state, given, resolution = _resolve_file(checkpoint_path, flags, "unet", preset, family)
+    resolved, unet_config = resolution.resolved, resolution.config
     if resolved.variant == "pag" and unet_config.use_new_attention_order:
         # The PAG repository's model_fn re-installs QKVAttentionLegacy in every attention block
         # on every call (PROVENANCE.md PAG quirk 5), so its passes run the legacy head split.
@@ -190,28 +224,24 @@ def load_official(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *,
                       "the legacy head split, as the official PAG code does (the model's own order is not used)",
                       stacklevel=2)
         unet_config = dataclasses.replace(unet_config, use_new_attention_order=False)
+    diffusion = GaussianDiffusion.from_config(resolution.diffusion_config)
+    guidance = _guidance_from_flags(resolved, given, diffusion.num_timesteps, unet_config)
+    if guidance is None and resolution.preset is not None and not any(name in given for name in GUIDANCE_FLAGS):
+        guidance = _recommended_guidance(resolution, checkpoint_path)   # no guidance flags given
+    for line in never_guided_warnings(guidance, diffusion.num_timesteps):
+        warnings.warn(line, NeverGuidedWarning, stacklevel=2)
     model = _build_and_load(UNet, unet_config, state, checkpoint_path, diagnose_mismatch, device)
-    diffusion = GaussianDiffusion.from_config(diffusion_config)
-    guidance = _guidance_from_flags(resolved, given, diffusion.num_timesteps)
-    if guidance is None and found is not None and not any(
-            name in given for name in SAG_FLAGS + ("guidance_strategies", "drop_layers")):
-        guidance = _preset_guidance(found)       # no guidance flags given: the preset's recommendation
-    return LoadedModel(model, diffusion, guidance, dict(resolved.values), found)
+    return LoadedModel(model, diffusion, guidance, dict(resolved.values), resolution.preset)
 
 
 def load_official_classifier(checkpoint_path, flags: Optional[Mapping[str, Any]] = None, *, device="cpu") -> LoadedClassifier:
-    """Load an official ADM classifier (``*_classifier.pt``) with the ``classifier_*`` flags."""
-    state, given, merged, found = _state_and_flags(checkpoint_path, flags, None)
-    kind = infer_structure(state).get("kind")
-    if kind not in (None, "classifier"):
-        raise CheckpointError(f"{checkpoint_path} is not a classifier checkpoint (looks like: {kind}); use load_official")
-    resolved = resolve_flags(merged, "guided")
-    try:
-        config = classifier_config_from_flags(resolved)
-    except ConfigError as err:
-        raise FlagError(str(err)) from None
-    model = _build_and_load(EncoderUNet, config, state, checkpoint_path, diagnose_classifier_mismatch, device)
-    return LoadedClassifier(model, dict(resolved.values))
+    """Load an official ADM classifier (``*_classifier.pt``) with the ``classifier_*`` flags (and
+    ``--image_size``); flags not given follow :mod:`checkpoints_convert.resolve` (a recognised
+    classifier's README flags, then guided-diffusion's ``classifier_defaults()``)."""
+    state, _, resolution = _resolve_file(checkpoint_path, flags, "classifier")
+    model = _build_and_load(EncoderUNet, resolution.config, state, checkpoint_path, diagnose_classifier_mismatch,
+                            device)
+    return LoadedClassifier(model, dict(resolution.resolved.values))
 
 
 # -- our own format ----------------------------------------------------------------------------

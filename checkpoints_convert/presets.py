@@ -15,10 +15,11 @@
 the README relies on a script default that :func:`~checkpoints_convert.flags.resolve_flags` would
 not otherwise know, the preset spells it out (the improved-diffusion upsampler's
 ``--large_size 256 --small_size 64``, the classifiers' ``classifier_*`` defaults) and says so in
-``notes``. Every improved-diffusion preset also carries ``--sigma_small False`` (its default): the
-README flags contain no improved-only name, and without one ``resolve_flags`` infers guided-diffusion,
-whose ``rescale_timesteps`` default (False) is wrong for the 4000-step models. Flags the weights cannot reveal (heads, attention order, schedule, steps,
-rescale_timesteps) are only trustworthy from here (ECOSYSTEM.md section 3.4).
+``notes``. The improved-diffusion README flags contain no improved-only name, so they do not tell
+their repository by themselves: a preset resolves them with its own ``family`` (``Preset.resolved``),
+and loading a recognised file does the same (``checkpoints_convert.resolve``). Flags the weights
+cannot reveal (heads, attention order, schedule, steps, rescale_timesteps) are only trustworthy from
+here (ECOSYSTEM.md section 3.4).
 
 Parameter counts are ECOSYSTEM.md's measurements of the official modules; the tests rebuild every
 count from the flags with an independent shape generator. No SHA-256 of the released files was
@@ -101,10 +102,6 @@ def _g(name, kind, flags, num_params, sampling, **kw) -> Preset:
 
 
 def _i(name, kind, flags, num_params, **kw) -> Preset:
-    # "sigma_small": the improved-diffusion default, stated so the flag set names its own family:
-    # without an improved-only name, resolve_flags() would read it as guided-diffusion flags and
-    # default rescale_timesteps / rescale_learned_sigmas to False -- a silent sampling error.
-    flags = dict(flags, sigma_small="False")
     return Preset(name=name, filename=f"{name}.pt", url=f"{IMPROVED_URL}{name}.pt", family="improved", kind=kind,
                   official_flags=flags, num_params=num_params,
                   sampling={"timestep_respacing": ""}, **kw)   # README gives no respacing: the full chain

@@ -57,9 +57,10 @@ class SAGConfig:
     kernel_size:  blur taps (official: 31 whatever sigma).
     threshold:    a token is salient when the attention it receives exceeds this (1.0 = the mean).
     guide_start:  guide at respaced step index t iff ``guide_start > t`` (official meaning); None = every step.
+                  Any integer is taken as officially: 0 (or below) guides no step.
     guide_end:    and iff ``t >= guide_end`` (0 = down to the last step, the SAG repository's only
                   choice; the PAG repository's ``{"sag": [start, end]}`` is guide_start = start + 1,
-                  guide_end = end).
+                  guide_end = end). A window with guide_start <= guide_end is empty: no step is guided.
     map_mode:     "block" = the block's own heads and layout (the paper's math); "official" = the
                   official SAG map (model-wide ``official_num_heads``, legacy split; SPEC.md Q1/Q2),
                   which made the published numbers.
@@ -85,9 +86,9 @@ class SAGConfig:
             raise GuidanceError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
         if self.map_mode not in MAP_MODES:
             raise GuidanceError(f"map_mode must be one of {MAP_MODES}, got {self.map_mode!r}")
-        if self.guide_end < 0 or (self.guide_start is not None and self.guide_end >= self.guide_start):
-            raise GuidanceError(f"SAG guides where guide_start > t >= guide_end: guide_end must be >= 0 and below "
-                                f"guide_start, got guide_start={self.guide_start}, guide_end={self.guide_end}")
+        if self.guide_end < 0:
+            raise GuidanceError(f"SAG guides where guide_start > t >= guide_end: guide_end must be >= 0, "
+                                f"got guide_end={self.guide_end}")
         if self.official_num_heads < 1:
             raise GuidanceError(f"official_num_heads must be >= 1, got {self.official_num_heads}")
 

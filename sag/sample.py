@@ -384,19 +384,17 @@ def _loader_flags(args, official: Dict[str, str]) -> Dict[str, Any]:
     return flags
 
 
-def _default_sag(loaded, fmt: str):
-    """The official SAG defaults (``sag_defaults()``: g 1.5, sigma 9, output.2, guide_start 250,
-    official map with the model's ``--num_heads``) for a model loaded without SAG settings."""
-    from checkpoints_convert.flags import SAG_DEFAULTS, sag_settings_from_flags
+def _default_sag(loaded, flags: Optional[Dict[str, Any]] = None):
+    """SAG for a model loaded without SAG settings: the SAG flags the user typed over the official
+    defaults (``sag_defaults()``: g 1.5, sigma 9, guide_start 250, official map with the model's
+    ``--num_heads``), at a site this U-Net has (``recommended_sag_site`` unless a site is typed)."""
+    from checkpoints_convert.flags import resolve_flags, sag_settings_from_flags
     from sag.guidance import SAGConfig
-    settings = sag_settings_from_flags(loaded.flags) if fmt == "official" and loaded.flags else None
-    if settings is not None:
-        return SAGConfig(scale=settings["scale"], blur_sigma=settings["blur_sigma"], site=settings["site"],
-                         guide_start=settings["guide_start"], map_mode=settings["map_mode"],
-                         official_num_heads=settings["official_num_heads"])
-    return SAGConfig(scale=SAG_DEFAULTS["guide_scale"] - 1.0, blur_sigma=float(SAG_DEFAULTS["blur_sigma"]),
-                     site=f"output.{SAG_DEFAULTS['sel_attn_depth']}", guide_start=SAG_DEFAULTS["guide_start"],
-                     map_mode="official", official_num_heads=loaded.model.config.num_heads)
+    typed = {k: v for k, v in (flags or {}).items() if k in SAG_FLAG_NAMES}
+    settings = sag_settings_from_flags(resolve_flags(typed), loaded.model.config)
+    return SAGConfig(scale=settings["scale"], blur_sigma=settings["blur_sigma"], site=settings["site"],
+                     guide_start=settings["guide_start"], map_mode=settings["map_mode"],
+                     official_num_heads=settings["official_num_heads"])
 
 
 def _is_sag_checkpoint(path: Path) -> bool:
@@ -422,7 +420,7 @@ def _sag_checkpoint_guidance(loaded, flags: Dict[str, Any]):
     given = {k: flags[k] for k in SAG_FLAG_NAMES if k in flags}
     if not given:
         return loaded.guidance
-    cfg = loaded.guidance or _default_sag(loaded, "sag")
+    cfg = loaded.guidance or _default_sag(loaded)
     changes: Dict[str, Any] = {}
     if "guide_scale" in given:
         changes["scale"] = round(_parse_float(given["guide_scale"], "guide_scale") - 1.0, 12)
@@ -454,7 +452,7 @@ def _own_guidance_flags(args, loaded, fmt: str, flags: Dict[str, Any]):
     wants = args.sag_scale is not None and args.sag_scale != 0 or args.blur_guidance
     explicitly_off = any(k in flags for k in SAG_FLAG_NAMES)      # e.g. --guide_scale 1.0
     if g is None and wants and (args.sag_scale is not None or not explicitly_off):
-        g = _default_sag(loaded, fmt)
+        g = _default_sag(loaded, flags if fmt == "official" else None)
     if g is not None and args.sag_scale is not None:
         g = dataclasses.replace(g, scale=float(args.sag_scale)) if args.sag_scale != 0 else None
     if g is not None and args.blur_guidance:
@@ -482,13 +480,34 @@ def _own_guidance_flags(args, loaded, fmt: str, flags: Dict[str, Any]):
     return g
 
 
+def _load_official_noting_warnings(path, flags: Dict[str, Any], preset, device):
+    """``load_official`` with its warnings (PAG layers ignored, a shape group without one SAG
+    recommendation) returned as lines; a window that guides no step is judged later, on the
+    guidance kept after --sag-scale / --blur-guidance."""
+    import warnings
+    from checkpoints_convert.load import NeverGuidedWarning, load_official
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_official(path, flags, preset=preset, device=device)
+    return loaded, [str(w.message) for w in caught if not issubclass(w.category, NeverGuidedWarning)]
+
+
+def _print_warnings(lines: List[str]) -> None:
+    """One ``sag-sample: warning:`` line per distinct warning, from rank 0 only."""
+    if Dist.from_env().rank != 0:
+        return
+    from checkpoints_convert.errors import one_line
+    for line in dict.fromkeys(lines):
+        print(f"{PROG}: warning: {one_line(line, limit=1000)}", file=sys.stderr, flush=True)
+
+
 def resolve_model(args, official: Dict[str, str], device: torch.device) -> Resolved:
     """The model to sample from: ``--model_path`` (official or sag checkpoint), or the embedded demo model.
 
     With no ``--model_path`` this is the embedded demo model (``sag.demo.load_demo``; 50 ancestral steps
     unless ``--timestep_respacing`` / ``--use_ddim`` say otherwise; the README runs 25 DDIM steps).
     """
-    from checkpoints_convert.load import load_checkpoint, load_official
+    from checkpoints_convert.load import load_checkpoint, never_guided_warnings
     from checkpoints_convert.safe_load import sha256_file
     flags = _loader_flags(args, official)
     if not args.model_path:
@@ -500,6 +519,7 @@ def resolve_model(args, official: Dict[str, str], device: torch.device) -> Resol
     else:
         path = _check_file(args.model_path, "--model_path")
         fmt = "sag" if _is_sag_checkpoint(path) else "official"
+    notes: List[str] = []
     if fmt != "official":
         extra = sorted(set(official) - SAG_CHECKPOINT_FLAGS)
         if extra:
@@ -514,8 +534,9 @@ def resolve_model(args, official: Dict[str, str], device: torch.device) -> Resol
             loaded = load_checkpoint(path, device=device, timestep_respacing=official.get("timestep_respacing"))
         loaded.guidance = _sag_checkpoint_guidance(loaded, flags)
     else:
-        loaded = load_official(path, flags, preset=args.preset, device=device)
+        loaded, notes = _load_official_noting_warnings(path, flags, args.preset, device)
     loaded.guidance = _own_guidance_flags(args, loaded, fmt, flags)
+    _print_warnings(notes + never_guided_warnings(loaded.guidance, loaded.diffusion.num_timesteps))
     if getattr(loaded.model.config, "super_res", False):
         raise UsageError("this is a super-resolution (upsampler) model; sag-sample does not support --base_samples yet")
     source = {"path": str(path.resolve()), "sha256": sha256_file(path), "format": fmt,
