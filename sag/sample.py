@@ -20,6 +20,13 @@ Attention: blocks whose map nobody reads run fused ``scaled_dot_product_attentio
 matrix; equal to the official einsums to ~2e-6); ``--exact-attention`` runs the official einsums
 everywhere, bit-identical to the official U-Net. Captured maps always come from the explicit path.
 
+Precision (``sag.precision``): ``--dtype auto`` (default) runs the U-Net passes under bfloat16
+autocast on a CPU with native bfloat16 units (AMX / AVX512-BF16) when one forward is big enough and a
+startup probe measures bfloat16 faster, else float32; ``--dtype float32 / bf16 / fp16`` choose. Norms,
+softmax, the captured map, the blur and the sampler stay float32. The sidecar records the dtype that
+ran and why (``dtype``, ``dtype_note``, ``dtype_choice``). ``sag.sample(..., fast=True)`` is the same
+default (fused attention + auto dtype) from Python.
+
 Determinism and scale (DESIGN.md "Scale", ECOSYSTEM.md section 2): sample i is drawn from seed
 ``seed + i`` only (its x_T, its step noise and, for class-conditional models, its label), so the
 images do not depend on the batch size or the process count (beyond floating-point rounding of
@@ -730,7 +737,8 @@ def _run(args, official: Dict[str, str], argv: Sequence[str], ctx: Dist) -> int:
     model, diffusion, guidance = loaded.model, loaded.diffusion, loaded.guidance
     model.use_fused_attention(not args.exact_attention)
     # Every rank checks --dtype; rank 0's choice (auto: its probe) is the one all ranks run.
-    dtype_choice = ctx.broadcast(resolve_dtype(args, official, device, model, args.batch_size, Path(args.out)))
+    dtype_choice = ctx.broadcast(resolve_dtype(args, official, device, model, min(args.batch_size, args.num_samples),
+                                               Path(args.out)))
     dtype = dtype_choice.dtype
     config = model.config
     if guidance is not None:

@@ -98,6 +98,26 @@ def captured_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor
         return attention_weights(_at_least_float32(q), _at_least_float32(k))
 
 
+def fused_attention_from_qkv(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
+    """``merge_heads(fused_attention(*split_heads(qkv, ...)))`` with one copy in and one out:
+    qkv [B x 3C x T] -> [B x C x T] (head-major channels, as ``merge_heads``).
+
+    The block's hot path when nobody reads or changes its weights: q, k, v are cut from qkv as one
+    contiguous [3 x B x heads x T x d] tensor (SDPA's 4-D layout, last dimension contiguous) instead of
+    three per-head reshapes and three transposed copies (the new-order split copies twice). Bit-identical
+    to the composed path (same kernel, same values per head).
+    """
+    batch, width, length = qkv.shape
+    d = width // (3 * num_heads)
+    if new_order:        # [q_h0 .. q_hH | k_h0 .. | v_h0 ..]
+        heads = qkv.reshape(batch, 3, num_heads, d, length).permute(1, 0, 2, 4, 3)
+    else:                # [q_h0 k_h0 v_h0 | q_h1 k_h1 v_h1 | ..]
+        heads = qkv.reshape(batch, num_heads, 3, d, length).permute(2, 0, 1, 4, 3)
+    q, k, v = heads.contiguous().unbind(0)                       # each [B x heads x T x d]
+    a = F.scaled_dot_product_attention(q, k, v)                  # [B x heads x T x d]
+    return a.transpose(-1, -2).reshape(batch, width // 3, length)
+
+
 def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The map the official SAG code builds (``attention_from_qkv``, SPEC.md Q1/Q2).
 
@@ -164,6 +184,8 @@ class AttentionBlock(nn.Module):
     def _attend(self, qkv: torch.Tensor, request, height: int, width: int) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
         """One batch (slice) through the attention op the request names. qkv [b x 3C x T] -> [b x C x T]."""
         batch = qkv.shape[0]
+        if request is None and self.fused:
+            return fused_attention_from_qkv(qkv, self.num_heads, self.new_order), None
         q, k, v = split_heads(qkv, self.num_heads, self.new_order)
         if isinstance(request, IdentityAttention):
             return merge_heads(v, batch), None                 # A = I: each token keeps its own value
