@@ -20,6 +20,13 @@ Attention: blocks whose map nobody reads run fused ``scaled_dot_product_attentio
 matrix; equal to the official einsums to ~2e-6); ``--exact-attention`` runs the official einsums
 everywhere, bit-identical to the official U-Net. Captured maps always come from the explicit path.
 
+Precision (``sag.precision``): ``--dtype auto`` (default) runs the U-Net passes under bfloat16
+autocast on a CPU with native bfloat16 units (AMX / AVX512-BF16) when one forward is big enough and a
+startup probe measures bfloat16 faster, else float32; ``--dtype float32 / bf16 / fp16`` choose. Norms,
+softmax, the captured map, the blur and the sampler stay float32. The sidecar records the dtype that
+ran and why (``dtype``, ``dtype_note``, ``dtype_choice``). ``sag.sample(..., fast=True)`` is the same
+default (fused attention + auto dtype) from Python.
+
 Determinism and scale (DESIGN.md "Scale", ECOSYSTEM.md section 2): sample i is drawn from seed
 ``seed + i`` only (its x_T, its step noise and, for class-conditional models, its label), so the
 images do not depend on the batch size or the process count (beyond floating-point rounding of
@@ -45,13 +52,14 @@ import shlex
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .precision import DTYPE_CHOICES, DTYPES, DtypeChoice
 
 PROG = "sag-sample"
 SIDECAR = "samples.json"
@@ -70,8 +78,6 @@ SAG_CHECKPOINT_FLAGS = frozenset(SAG_FLAG_NAMES) | {"timestep_respacing", "use_f
                                                     "classifier_attention_resolutions",
                                                     "classifier_use_scale_shift_norm",
                                                     "classifier_resblock_updown", "classifier_pool"}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 MAX_SEED = 2**32 - 1
 
 
@@ -148,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give every sample this class (default: one label per sample from its seed)")
     own.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0.0, as the official scripts)")
     own.add_argument("--device", default=None, help="cuda if available, else cpu")
-    own.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                     help="float32 (default); float16 / bfloat16 autocast on CUDA only")
+    own.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                     help="precision of the U-Net passes: auto (default: bfloat16 on a CPU with native bf16 units "
+                          "(AMX / AVX512-BF16) when a startup probe measures it faster, else float32), float32, "
+                          "bfloat16 / bf16 (CPU or CUDA autocast), float16 / fp16 (CUDA); norms, softmax, the "
+                          "captured map, the blur and the sampler stay float32")
     own.add_argument("--exact-attention", "--exact_attention", dest="exact_attention", action="store_true",
                      help="every attention block runs the official einsums (bit-identical to the official U-Net); "
                           "default: fused scaled_dot_product_attention wherever no map is read (equal to ~2e-6, faster)")
@@ -305,26 +314,42 @@ def resolve_device(requested: Optional[str], ctx: Dist) -> torch.device:
     return device
 
 
-def resolve_dtype(args, official: Dict[str, str], device: torch.device) -> Tuple[torch.dtype, str]:
-    """(compute dtype, note). float32 unless --dtype asks otherwise; half precision is CUDA autocast only.
+def resolve_dtype(args, official: Dict[str, str], device: torch.device, model=None, batch: int = 1,
+                  out: Optional[Path] = None) -> DtypeChoice:
+    """The dtype the U-Net passes run in, and why (``sag.precision.choose_dtype``; --dtype, default auto).
 
-    The official ``--use_fp16 True`` (a GPU speed switch) means float16 on CUDA and is ignored on CPU.
+    The official ``--use_fp16 True`` (a GPU speed switch) means float16 on CUDA and is ignored on CPU
+    (where auto decides). Under auto, a run already in ``out`` (finished, or shards of a killed one)
+    keeps the dtype it was made with, so a rerun resumes instead of meeting "other settings".
     """
     from checkpoints_convert.flags import str2bool
+
+    from .precision import PrecisionError, choose_dtype
+    requested = args.dtype or "auto"
     note = ""
-    if args.dtype is None:
-        dtype = torch.float32
-        if "use_fp16" in official and str2bool(official["use_fp16"], "use_fp16"):
-            if device.type == "cuda":
-                dtype = torch.float16
-                note = "--use_fp16 True: float16 autocast"
-            else:
-                note = "--use_fp16 True ignored on CPU (float32)"
-    else:
-        dtype = DTYPES[args.dtype]
-    if dtype != torch.float32 and device.type != "cuda":
-        raise UsageError(f"--dtype {args.dtype} needs a CUDA device (half precision is not supported on {device.type}); use --dtype float32")
-    return dtype, note
+    if requested == "auto" and "use_fp16" in official and str2bool(official["use_fp16"], "use_fp16"):
+        if device.type == "cuda":
+            return DtypeChoice(torch.float16, "--use_fp16 True: float16 autocast", "use_fp16")
+        note = "--use_fp16 True ignored on CPU; "
+    previous = _dtype_in_output(out) if requested == "auto" and out is not None else None
+    try:
+        choice = choose_dtype(previous or requested, device, model, batch)
+    except PrecisionError as err:
+        raise UsageError(f"--dtype {previous or requested}: {err}"
+                         + (f" (the dtype of the run already in --out {out})" if previous else "")) from None
+    if previous is not None:
+        return choice._replace(requested="auto", reason=f"{note}auto: {previous}, the dtype of the run already in --out {out}")
+    return choice._replace(reason=note + choice.reason)
+
+
+def _dtype_in_output(out: Path) -> Optional[str]:
+    """The dtype recorded by a finished run (sidecar) or an unfinished one (shards' run file) in ``out``."""
+    from .io import read_json
+    for record in (read_json(out / SIDECAR), read_json(out / SHARDS / RUN_FILE)):
+        dtype = (record.get("settings") or {}).get("dtype") if isinstance(record, dict) else None
+        if dtype in DTYPES:
+            return dtype
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -720,11 +745,11 @@ def _run(args, official: Dict[str, str], argv: Sequence[str], ctx: Dist) -> int:
 
     from .io import (make_grid, merge_shards, npz_name, read_shard_indices, to_uint8_nhwc, write_json, write_npz,
                      write_png, write_shard)
+    from .precision import autocast as precision_autocast
     from .sampling import sample
 
     started = time.time()
     device = resolve_device(args.device, ctx)
-    dtype, dtype_note = resolve_dtype(args, official, device)
     ctx.init(device)
 
     # 1. Model, guidance, classifier, labels: every check before anything is written.
@@ -732,6 +757,10 @@ def _run(args, official: Dict[str, str], argv: Sequence[str], ctx: Dist) -> int:
     loaded = resolved.loaded
     model, diffusion, guidance = loaded.model, loaded.diffusion, loaded.guidance
     model.use_fused_attention(not args.exact_attention)
+    # Every rank checks --dtype; rank 0's choice (auto: its probe) is the one all ranks run.
+    dtype_choice = ctx.broadcast(resolve_dtype(args, official, device, model, min(args.batch_size, args.num_samples),
+                                               Path(args.out)))
+    dtype = dtype_choice.dtype
     config = model.config
     if guidance is not None:
         model.check_attention_sites(guidance.attention_sites())   # before anything is written
@@ -798,7 +827,7 @@ def _run(args, official: Dict[str, str], argv: Sequence[str], ctx: Dist) -> int:
     mine = [i for i in range(ctx.rank, n, ctx.world_size) if i not in done]
     batches = [mine[k:k + args.batch_size] for k in range(0, len(mine), args.batch_size)]
     show = args.progress and ctx.rank == 0
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = precision_autocast(device, dtype)
     status = None
     try:
         from tqdm.auto import tqdm
@@ -854,7 +883,7 @@ def _run(args, official: Dict[str, str], argv: Sequence[str], ctx: Dist) -> int:
                            device=device)
         write_png(out / "side_by_side.png", make_grid(np.concatenate([to_uint8_nhwc(plain), images[:k]]), ncol=k))
     finished = time.time()
-    write_json(out / SIDECAR, _sidecar(args, official, argv, ctx, resolved, settings, device, dtype, dtype_note,
+    write_json(out / SIDECAR, _sidecar(args, official, argv, ctx, resolved, settings, device, dtype_choice,
                                        final_npz, labels is not None, cg_on, classifier_scale, started, finished,
                                        resumed))
     shutil.rmtree(shards_dir, ignore_errors=True)
@@ -915,7 +944,7 @@ def _official_record(args, official, resolved, cg_on, classifier_scale) -> Dict[
     return {"given": official, "added": added, "preset": args.preset, "resolved": full or None}
 
 
-def _sidecar(args, official, argv, ctx, resolved, settings, device, dtype, dtype_note, final_npz, has_labels,
+def _sidecar(args, official, argv, ctx, resolved, settings, device, dtype_choice, final_npz, has_labels,
              cg_on, classifier_scale, started, finished, resumed) -> Dict[str, Any]:
     """Every setting of the run (samples.json)."""
     loaded = resolved.loaded
@@ -943,8 +972,9 @@ def _sidecar(args, official, argv, ctx, resolved, settings, device, dtype, dtype
         "world_size": ctx.world_size,
         "resumed_samples": resumed,
         "device": str(device),
-        "dtype": settings["dtype"],
-        "dtype_note": dtype_note or None,
+        "dtype": settings["dtype"],                     # the dtype that ran
+        "dtype_note": dtype_choice.reason,              # and why (auto: flags, work, probe)
+        "dtype_choice": dtype_choice.record(),
         "versions": _versions(),
         "command": shlex.join([PROG, *argv]),
         "argv": list(argv),

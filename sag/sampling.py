@@ -17,6 +17,7 @@ Gating is decided on Python ints before any tensor work; the loop has no host sy
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from diffusion import GaussianDiffusion
 
 from .guidance import classifier_grad, run_model
+from .precision import autocast, choose_dtype
 from .seeding import SampleNoise
 
 
@@ -102,7 +104,8 @@ def sample(model, diffusion: GaussianDiffusion, shape: Sequence[int], *,
            noise: Optional[Sequence[torch.Tensor]] = None, use_ddim: bool = False, eta: float = 0.0,
            progress: bool = False, seed: Union[int, Sequence[int]] = 0, clip_denoised: bool = True,
            callback: Optional[Callable[[StepInfo], None]] = None,
-           device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+           device: Optional[Union[str, torch.device]] = None,
+           dtype: Optional[Union[str, torch.dtype]] = None, fast: bool = False) -> torch.Tensor:
     """Draw samples x_0 [B x C x H x W] from the respaced process, optionally guided.
 
     guidance:  a guidance method (``SAGConfig`` for SAG or blur guidance, ...) or None. A method
@@ -117,6 +120,17 @@ def sample(model, diffusion: GaussianDiffusion, shape: Sequence[int], *,
     noise:     one tensor per step, in loop order, used verbatim (replay of official runs);
                default: each step's noise from the same per-sample streams (so sample k does not
                depend on the batch it is in).
+    dtype:     precision of the U-Net passes (``sag.precision``): None = as the caller set it up
+               (float32, or an enclosing ``torch.autocast``); "float32"; "bfloat16" / "bf16" (CPU or
+               CUDA autocast); "float16" (CUDA); "auto" = bfloat16 on a CPU with native bf16 units when
+               enough work per forward and a startup probe make it faster, else float32. Norms, softmax,
+               captured maps, the blur, the guidance formulas and the sampler stay float32, and so
+               does the result.
+    fast:      what ``sag-sample`` does by default: attention blocks whose map nobody reads run fused
+               ``scaled_dot_product_attention`` during this call (equal to the official einsums to
+               ~2e-6; the model's own setting is restored afterwards), and ``dtype`` defaults to "auto".
+               Default False: a model from ``load_official`` / ``load_checkpoint`` runs the official
+               einsums everywhere, bit-identical to the official U-Net.
     """
     model = _unwrap(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -140,22 +154,30 @@ def sample(model, diffusion: GaussianDiffusion, shape: Sequence[int], *,
     if guidance is not None:
         model.check_attention_sites(guidance.attention_sites())
     draw_noise = not use_ddim or eta != 0
+    if fast and dtype is None:
+        dtype = "auto"
+    if fast and not hasattr(model, "fused_attention"):
+        raise ValueError(f"fast=True needs a U-Net with fused attention (unet.UNet), got {type(model).__name__}")
+    precision = (contextlib.nullcontext() if dtype is None
+                 else autocast(device, choose_dtype(dtype, device, model, batch).dtype))
+    attention = model.fused_attention(True) if fast else contextlib.nullcontext()
 
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    for i, t_index in enumerate(tqdm(indices, disable=not progress, desc="sampling")):
-        if noise is not None:
-            step_noise = noise[i].to(device=device, dtype=torch.float32)
-        else:
-            step_noise = streams.randn(shape[1:]) if draw_noise else None
-        info = guided_step(model, diffusion, x, t_index, guidance=guidance, classifier=classifier,
-                           classifier_scale=classifier_scale, y=y, noise=step_noise, use_ddim=use_ddim,
-                           eta=eta, clip_denoised=clip_denoised)
-        x = info.x_prev
-        # Remember the first step that produced NaN/inf, on the device (no sync in the loop).
-        bad = ~torch.isfinite(x).all()
-        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
-        if callback is not None:
-            callback(info._replace(index=i))
+    with precision, attention:
+        for i, t_index in enumerate(tqdm(indices, disable=not progress, desc="sampling")):
+            if noise is not None:
+                step_noise = noise[i].to(device=device, dtype=torch.float32)
+            else:
+                step_noise = streams.randn(shape[1:]) if draw_noise else None
+            info = guided_step(model, diffusion, x, t_index, guidance=guidance, classifier=classifier,
+                               classifier_scale=classifier_scale, y=y, noise=step_noise, use_ddim=use_ddim,
+                               eta=eta, clip_denoised=clip_denoised)
+            x = info.x_prev
+            # Remember the first step that produced NaN/inf, on the device (no sync in the loop).
+            bad = ~torch.isfinite(x).all()
+            first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
+            if callback is not None:
+                callback(info._replace(index=i))
     bad_index = int(first_bad_step)          # the one host sync, after the loop
     if bad_index >= 0:
         raise NonFiniteError(

@@ -73,3 +73,44 @@ def test_sag_step_under_autocast_stays_float32_outside_the_unet(setup, use_ddim)
     assert step.attention_map.probs.dtype == torch.float32
     assert torch.isfinite(mixed.x_prev).all()
     assert (mixed.x_prev - exact.x_prev).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("request_kind", ["block", "official"])
+def test_captured_map_logits_stay_float32_under_autocast(setup, request_kind):
+    """The captured map is an island: under bfloat16 autocast its q.k and softmax run in float32 on the
+    block's own (bfloat16) qkv, so it equals the float32 map of those qkv values."""
+    from unet.attention import attention_weights, split_heads
+    from unet.seam import OfficialCapture
+    model, _, _, _ = setup
+    block = model.decoder[1].attn                                    # the block at SITE
+    x = torch.randn(2, block.channels, 8, 8, generator=torch.Generator().manual_seed(3))
+    request = Capture() if request_kind == "block" else OfficialCapture(num_heads=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = block.qkv(block.norm(x.reshape(2, block.channels, -1)))
+        assert qkv.dtype == torch.bfloat16
+        _, captured = block(x, request)
+    assert captured.probs.dtype == torch.float32
+    heads = block.num_heads if request_kind == "block" else 2
+    new_order = block.new_order if request_kind == "block" else False
+    with torch.no_grad():                                            # no autocast: float32 products
+        q, k, _ = split_heads(qkv.float(), heads, new_order)
+        expected = attention_weights(q, k).reshape(2, heads, 64, 64)
+    torch.testing.assert_close(captured.probs, expected, atol=1e-6, rtol=0)
+    # What the islands prevent: the same map with bfloat16 logits is visibly different.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered = attention_weights(*split_heads(qkv, heads, new_order)[:2]).reshape(2, heads, 64, 64)
+    assert (lowered - expected).abs().max() > 1e-4
+
+
+def test_sampling_loop_under_cpu_bfloat16_returns_float32(setup):
+    """``sag.sample(dtype="bfloat16")``: the U-Net passes under autocast, every step's state float32."""
+    from sag import sample
+    model, diffusion, _, _ = setup
+    states = []
+    sag = SAGConfig(scale=0.5, site=SITE, blur_sigma=1.0, kernel_size=5)
+    out = sample(model, diffusion, (2, 3, 16, 16), guidance=sag, seed=0, dtype="bfloat16",
+                 callback=lambda info: states.append(info))
+    assert out.dtype == torch.float32 and len(states) == diffusion.num_timesteps
+    for info in states:
+        assert info.x_prev.dtype == info.eps.dtype == info.pred_x0.dtype == torch.float32
+        assert info.sag.attention_map.probs.dtype == info.sag.blurred_x0.dtype == torch.float32

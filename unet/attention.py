@@ -18,6 +18,7 @@ request from the seam (``unet/seam.py``) does what is asked and returns its map,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -77,6 +78,46 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v)[0].transpose(1, 2)
 
 
+def autocast_off(device_type: str):
+    """A context with autocast disabled on ``device_type`` when it is on (a float32 island under mixed
+    precision: ops inside run in their inputs' dtype); a no-op context otherwise."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def captured_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``attention_weights`` for a map someone reads: logits and softmax in (at least) float32 even under
+    autocast, so the SAG mask is made from float32 weights. [(B h) x d x T] twice -> [(B h) x T x T].
+    Identical to ``attention_weights`` for float32 inputs without autocast."""
+    with autocast_off(q.device.type):
+        return attention_weights(_at_least_float32(q), _at_least_float32(k))
+
+
+def fused_attention_from_qkv(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
+    """``merge_heads(fused_attention(*split_heads(qkv, ...)))`` with one copy in and one out:
+    qkv [B x 3C x T] -> [B x C x T] (head-major channels, as ``merge_heads``).
+
+    The block's hot path when nobody reads or changes its weights: q, k, v are cut from qkv as one
+    contiguous [3 x B x heads x T x d] tensor (SDPA's 4-D layout, last dimension contiguous) instead of
+    three per-head reshapes and three transposed copies (the new-order split copies twice). Bit-identical
+    to the composed path (same kernel, same values per head).
+    """
+    batch, width, length = qkv.shape
+    d = width // (3 * num_heads)
+    if new_order:        # [q_h0 .. q_hH | k_h0 .. | v_h0 ..]
+        heads = qkv.reshape(batch, 3, num_heads, d, length).permute(1, 0, 2, 4, 3)
+    else:                # [q_h0 k_h0 v_h0 | q_h1 k_h1 v_h1 | ..]
+        heads = qkv.reshape(batch, num_heads, 3, d, length).permute(2, 0, 1, 4, 3)
+    q, k, v = heads.contiguous().unbind(0)                       # each [B x heads x T x d]
+    a = F.scaled_dot_product_attention(q, k, v)                  # [B x heads x T x d]
+    return a.transpose(-1, -2).reshape(batch, width // 3, length)
+
+
 def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The map the official SAG code builds (``attention_from_qkv``, SPEC.md Q1/Q2).
 
@@ -85,7 +126,7 @@ def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     "q", "k" are the first two thirds of channels [3Cg/n, 3C(g+1)/n). Returns [B x n x T x T].
     """
     q, k, _ = split_heads(qkv.float(), num_heads, new_order=False)
-    weights = attention_weights(q, k)
+    weights = captured_attention_weights(q, k)       # float32 also under autocast
     return weights.reshape(qkv.shape[0], num_heads, *weights.shape[1:])
 
 
@@ -143,6 +184,8 @@ class AttentionBlock(nn.Module):
     def _attend(self, qkv: torch.Tensor, request, height: int, width: int) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
         """One batch (slice) through the attention op the request names. qkv [b x 3C x T] -> [b x C x T]."""
         batch = qkv.shape[0]
+        if request is None and self.fused:
+            return fused_attention_from_qkv(qkv, self.num_heads, self.new_order), None
         q, k, v = split_heads(qkv, self.num_heads, self.new_order)
         if isinstance(request, IdentityAttention):
             return merge_heads(v, batch), None                 # A = I: each token keeps its own value
@@ -152,7 +195,8 @@ class AttentionBlock(nn.Module):
         if self.fused and not isinstance(request, Capture):
             a = fused_attention(q, k, v)
         else:
-            weights = attention_weights(q, k)                # [(b h) x T x T] float32
+            # [(b h) x T x T] float32; a captured map's logits are float32 too (an island under autocast)
+            weights = captured_attention_weights(q, k) if isinstance(request, Capture) else attention_weights(q, k)
             a = attend(weights, v)
             if isinstance(request, Capture):
                 attention_map = AttentionMap(weights.reshape(batch, self.num_heads, *weights.shape[1:]), height, width)

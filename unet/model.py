@@ -16,8 +16,9 @@ capture request (empty when nothing was asked). The model keeps no state between
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, NamedTuple, Optional
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -168,6 +169,19 @@ class UNet(nn.Module):
             if isinstance(module, AttentionBlock):
                 module.fused = bool(enabled)
         return self
+
+    @contextlib.contextmanager
+    def fused_attention(self, enabled: bool = True) -> Iterator["UNet"]:
+        """``use_fused_attention(enabled)`` for the body of a ``with`` block, then every attention block's
+        previous setting back (``sag.sample(fast=True)`` runs its loop inside one)."""
+        blocks = [m for m in self.modules() if isinstance(m, AttentionBlock)]
+        saved = [block.fused for block in blocks]
+        self.use_fused_attention(enabled)
+        try:
+            yield self
+        finally:
+            for block, fused in zip(blocks, saved):
+                block.fused = fused
 
     # -- the attention seam -------------------------------------------------------------------
 
