@@ -77,7 +77,7 @@ class StableDiffusionPipeline:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell: 2 ** (number of VAE levels - 1) (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.downsampling_factor
 
     @property
     def default_size(self) -> int:
@@ -185,13 +185,11 @@ class StableDiffusionPipeline:
         return images.permute(0, 2, 3, 1).cpu().numpy()
 
     def _step_kwargs(self, eta: float, streams: SampleNoise, shape) -> dict:
-        """The extra arguments of ``scheduler.step``: ``eta`` where the scheduler takes it (DDIM), and
-        for eta > 0 the step noise from each sample's own stream (draw 1 + step, as ``sag-sample``)."""
-        params = inspect.signature(self.scheduler.step).parameters
-        if "eta" not in params:
-            if eta != 0:
-                raise GuidanceError(f"eta={eta} needs the DDIM scheduler; {type(self.scheduler).__name__} has no eta")
-            return {}
+        """The extra arguments of ``scheduler.step``: ``eta``, and for eta > 0 (DDIM) the step noise from
+        each sample's own stream (draw 1 + step, as ``sag-sample`` draws it)."""
         if eta == 0:
-            return {"eta": 0.0}
-        return {"eta": float(eta), "variance_noise": streams.randn(shape)}
+            return {}
+        if "noise" not in inspect.signature(self.scheduler.step).parameters:
+            raise GuidanceError(f"eta={eta} needs the DDIM scheduler; {type(self.scheduler).__name__} is deterministic "
+                                "(use eta=0)")
+        return {"eta": float(eta), "noise": streams.randn(shape)}
