@@ -135,6 +135,13 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # transformers < 4.31 saved the position ids 0..L-1 as a buffer (real SD 1.x/2.x folders and
+        # single files carry ``text_model.embeddings.position_ids``): accepted and dropped here, so
+        # those files load with strict=True too. Positions are always 0..L-1 below.
+        state_dict.pop(prefix + "position_ids", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.token_embedding(input_ids) + self.position_embedding(positions)[None]

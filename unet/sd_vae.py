@@ -173,34 +173,32 @@ class MidBlock2D(nn.Module):
         return self.resnets[1](h)
 
 
-class EncoderLevel(nn.Module):
-    """diffusers' ``DownEncoderBlock2D``: ``resnets``, then ``downsamplers.0`` unless last."""
+class ResnetLevel(nn.Module):
+    """One resolution level: ``num_layers`` resnets, then an optional resampler kept where diffusers
+    keeps it (``resampler_attr``.0). [B x C_in x H x W] -> [B x C_out x H' x W']."""
+    resampler_attr = "resamplers"
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
+                 resampler: Optional[nn.Module] = None):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
                                       for i in range(num_layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if downsample else [])
+        setattr(self, self.resampler_attr, nn.ModuleList([resampler] if resampler is not None else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for module in (*self.resnets, *self.downsamplers):
+        for module in (*self.resnets, *getattr(self, self.resampler_attr)):
             x = module(x)
         return x
 
 
-class DecoderLevel(nn.Module):
-    """diffusers' ``UpDecoderBlock2D``: ``resnets``, then ``upsamplers.0`` unless last."""
+class EncoderLevel(ResnetLevel):
+    """diffusers' ``DownEncoderBlock2D``: ``resnets``, then ``downsamplers.0`` (not on the last level)."""
+    resampler_attr = "downsamplers"
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
-                                      for i in range(num_layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for module in (*self.resnets, *self.upsamplers):
-            x = module(x)
-        return x
+class DecoderLevel(ResnetLevel):
+    """diffusers' ``UpDecoderBlock2D``: ``resnets``, then ``upsamplers.0`` (not on the last level)."""
+    resampler_attr = "upsamplers"
 
 
 class Encoder(nn.Module):
@@ -211,7 +209,8 @@ class Encoder(nn.Module):
         widths, groups = config.block_out_channels, config.norm_num_groups
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            EncoderLevel(widths[max(i - 1, 0)], width, config.layers_per_block, groups, downsample=i < len(widths) - 1)
+            EncoderLevel(widths[max(i - 1, 0)], width, config.layers_per_block, groups,
+                         Downsample2D(width) if i < len(widths) - 1 else None)
             for i, width in enumerate(widths)])
         self.mid_block = MidBlock2D(widths[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=_NORM_EPS)
@@ -235,7 +234,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock2D(widths[0], groups, config.mid_block_add_attention)
         self.up_blocks = nn.ModuleList([
-            DecoderLevel(widths[max(i - 1, 0)], width, config.layers_per_block + 1, groups, upsample=i < len(widths) - 1)
+            DecoderLevel(widths[max(i - 1, 0)], width, config.layers_per_block + 1, groups,
+                         Upsample2D(width) if i < len(widths) - 1 else None)
             for i, width in enumerate(widths)])
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=_NORM_EPS)
         self.conv_act = nn.SiLU()
