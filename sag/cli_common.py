@@ -156,7 +156,8 @@ class StepStrips:
         if tensors is None:
             return
         from .io import to_uint8_image
-        self.steps.append(int(info.t))
+        t = float(info.t)                              # ADM: an int index; SD: the scheduler's (Euler: float) timestep
+        self.steps.append(int(t) if t.is_integer() else t)
         for pos, index in self.positions.items():
             for row, tensor in zip(self.columns[index], tensors):
                 row.append(to_uint8_image(tensor[pos]))

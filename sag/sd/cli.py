@@ -131,6 +131,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError(f"--eta applies to DDIM only, not --scheduler {args.scheduler}")
     if args.sag_scale is None:
         args.sag_scale = DEFAULT_SAG_SCALE if args.pag_scale == 0 and args.seg_scale == 0 else 0.0
+    chosen = [f"--{name}-scale" for name in ("sag", "pag", "seg") if getattr(args, f"{name}_scale") != 0]
+    if len(chosen) > 1:
+        raise UsageError(f"{' and '.join(chosen)} together: choose one of SAG, PAG and SEG (each runs with or without CFG)")
+    if min(args.sag_scale, args.pag_scale, args.seg_scale) < 0:
+        raise UsageError("--sag-scale / --pag-scale / --seg-scale must be >= 0 (0 = off)")
     if args.save_intermediates == -1:
         args.save_intermediates = args.num_samples
     elif args.save_intermediates < 0:
@@ -173,10 +178,8 @@ def _replace_scheduler(scheduler, class_name: str):
     """The same schedule (betas, spacing, offset, prediction type) with another sampler. PNDM runs
     PLMS only (``skip_prk_steps``), as SD 1.5's own scheduler does."""
     from diffusion.sd_schedulers import scheduler_from_config
-    config = dict(scheduler.config)
-    if class_name == "PNDMScheduler":
-        config["skip_prk_steps"] = True
-    return scheduler_from_config(config, class_name)
+    overrides = {"skip_prk_steps": True} if class_name == "PNDMScheduler" else {}
+    return scheduler_from_config(dict(scheduler.config), class_name, **overrides)
 
 
 class MaskStrips(StepStrips):
@@ -185,7 +188,7 @@ class MaskStrips(StepStrips):
     ROWS = ("salient_mask",)
 
     def pictures(self, info):
-        mask = getattr(info, "sag_mask", None)
+        mask = info.salient_mask                                # sag.sd.SDStepInfo: [B x 1 x h x w] or None
         return None if mask is None else (mask.float() * 2 - 1,)
 
 
@@ -206,8 +209,8 @@ def _number(value):
     return str(value) if isinstance(value, float) and math.isinf(value) else value
 
 
-def _dtype_name(module) -> str:
-    return str(next(module.parameters()).dtype).replace("torch.", "")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _weight_files(args) -> List[Dict[str, Any]]:
@@ -241,6 +244,8 @@ def run(args, argv: Sequence[str]) -> int:
 
     started = time.time()
     device = resolve_device(args.device)
+    if DTYPES[args.dtype] == torch.float16 and device.type != "cuda":
+        raise UsageError(f"--dtype {args.dtype} runs on CUDA only; use --dtype bf16 (or fp32) on the {device.type}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -248,6 +253,8 @@ def run(args, argv: Sequence[str]) -> int:
     call = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                 num_inference_steps=args.steps, eta=args.eta, **guidance_kwargs(args))
     guided = any(call[k] != 0 for k in ("sag_scale", "pag_scale", "seg_scale"))
+    pipe.scheduler.set_timesteps(args.steps)
+    model_steps = len(pipe.scheduler.timesteps)          # PNDM: one more U-Net step than inference steps
 
     n = args.num_samples
     bar = tqdm(total=n * (2 if args.compare and guided else 1), desc="images", unit="img", disable=not args.progress)
@@ -258,7 +265,7 @@ def run(args, argv: Sequence[str]) -> int:
         keep = {pos: i for pos, i in enumerate(indices) if i < args.save_intermediates}
         strips = MaskStrips(keep) if keep else None
         images.append(to_uint8(pipe(**call, seeds=seeds, output_type="np",
-                                    callback=step_callback(strips, bar if args.progress else None, args.steps))))
+                                    callback=step_callback(strips, bar if args.progress else None, model_steps))))
         bar.update(len(indices))
         if strips is not None:
             strips.write(out / INTERMEDIATES)
@@ -266,7 +273,7 @@ def run(args, argv: Sequence[str]) -> int:
         if args.compare and guided and compared:
             unguided = dict(call, sag_scale=0.0, pag_scale=0.0, seg_scale=0.0)
             plain.append(to_uint8(pipe(**unguided, seeds=[args.seed + i for i in compared], output_type="np",
-                                       callback=step_callback(None, bar if args.progress else None, args.steps))))
+                                       callback=step_callback(None, bar if args.progress else None, model_steps))))
             bar.update(len(compared))
     bar.close()
     images = np.concatenate(images)
@@ -299,9 +306,8 @@ def sidecar(args, argv, pipe, call, device, size, compared: bool, started: float
                   "layout": "diffusers folder" if Path(args.model).is_dir() else "single file",
                   "config_folder": args.config_folder, "files": _weight_files(args)},
         "pipeline_call": {k: _number(v) for k, v in call.items() if k not in ("prompt", "negative_prompt")},
-        "guidance": {"cfg": args.cfg, "sag": {"scale": args.sag_scale, "blur_sigma": args.sag_blur_sigma},
-                     "pag": {"scale": args.pag_scale, "layers": _layers(args.pag_layers)},
-                     "seg": {"scale": args.seg_scale, "sigma": _number(args.seg_sigma), "layers": _layers(args.seg_layers)}},
+        "method": "+".join([m for m in ("sag", "pag", "seg") if getattr(args, f"{m}_scale") > 0]
+                           + (["cfg"] if args.cfg > 1 else [])) or "none",
         "scheduler": {"class": type(scheduler).__name__, "override": args.scheduler,
                       "config": dict(getattr(scheduler, "config", {}) or {})},
         "steps": args.steps,
@@ -316,7 +322,10 @@ def sidecar(args, argv, pipe, call, device, size, compared: bool, started: float
                     "intermediates": INTERMEDIATES if args.save_intermediates else None,
                     "intermediate_samples": min(args.save_intermediates, n)},
         "device": str(device),
-        "dtype": {part: _dtype_name(getattr(pipe, part)) for part in ("unet", "text_encoder", "vae")},
+        "dtype": {"unet_forward": _dtype_name(pipe.dtype) + (" (autocast)" if pipe.dtype != torch.float32 else ""),
+                  **{f"{part}_weights": _dtype_name(next(getattr(pipe, part).parameters()).dtype)
+                     for part in ("unet", "text_encoder", "vae")},
+                  "latents_guidance_scheduler": "float32"},
         "versions": versions(),
         "command": f"python -m {PROG} {shlex.join(argv)}",
         "argv": list(argv),
