@@ -31,6 +31,16 @@ def max_err(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's convolutions are too small to gain from a second intra-op thread, and on shared
+    cores its spin-waits cost seconds per call; results do not depend on the thread count (tolerances)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return load_pipeline(FOLDER)
