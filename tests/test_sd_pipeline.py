@@ -83,10 +83,9 @@ def test_pipeline_matches_diffusers(pipe, case):
     ref, latents, steps = run_case(pipe, case)
     assert len(steps) == len(ref["step_t"])
     assert [s.t for s in steps] == ref["step_t"].tolist()
-    # The first step's guided output is a single (guided) forward away from the recorded one.
-    assert max_err(steps[0].model_output, ref["step_model_output"][0]) <= STEP_TOL
+    # The guided output of every step (measured <= 5.1e-6; the latents it acts on differ by <= 1.2e-5).
     for i, step in enumerate(steps):
-        assert max_err(step.model_output, ref["step_model_output"][i]) <= LATENTS_TOL, (case, i)
+        assert max_err(step.model_output, ref["step_model_output"][i]) <= STEP_TOL, (case, i)
         assert max_err(step.latents, ref["step_prev_sample"][i]) <= LATENTS_TOL, (case, i)
     assert max_err(latents, ref["final_latents"]) <= LATENTS_TOL
     assert max_err(pipe.decode_latents(latents).permute(0, 2, 3, 1), ref["image"]) <= IMAGE_TOL
