@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import max_err
 from checkpoints_convert.errors import CheckpointError
 from checkpoints_convert.sd_keys_unet import unet_config_from_ldm, unet_state_from_ldm, unet_state_to_ldm
-from unet.attention import _gaussian_blur_tokens
+from unet.attention import gaussian_blur_tokens
 from unet.model import AttentionSiteError
 from unet.sd_unet import SDUNet, SDUNetConfig
 from unet.seam import AttentionMap, BlurQueries, Capture, IdentityAttention
@@ -165,7 +165,7 @@ def test_seg_mean_query_matches_the_hooks_finite_sigma():
     the mean query, which is our (and the SEG paper's) sigma = inf."""
     ref, model = _ref("seg_unet_forward"), _folder_unet()
     query = ref["query_plain"].transpose(1, 2)                        # [B, C, N]: per-channel tokens
-    assert max_err(_gaussian_blur_tokens(query, 1, 8, 8, math.inf, None).transpose(1, 2), ref["query_sigma3"]) <= TOL
+    assert max_err(gaussian_blur_tokens(query, 1, 8, 8, math.inf, None).transpose(1, 2), ref["query_sigma3"]) <= TOL
     with torch.no_grad():
         run = lambda attention: model(ref["sample"], ref["timestep"], ref["encoder_hidden_states"],  # noqa: E731
                                       attention=attention).output
@@ -179,7 +179,7 @@ def test_seg_hooks_infinite_default_is_our_finite_near_uniform_blur():
     BlurQueries(9999999.0) with the default (SEG-SDXL) kernel rule is the same blur; it is not the mean query."""
     ref, model = _ref("seg_unet_forward"), _folder_unet()
     query = ref["query_plain"].transpose(1, 2)
-    blurred = _gaussian_blur_tokens(query, 1, 8, 8, 9999999.0, None).transpose(1, 2)
+    blurred = gaussian_blur_tokens(query, 1, 8, 8, 9999999.0, None).transpose(1, 2)
     assert max_err(blurred, ref["query_sigma_default_inf"]) <= TOL
     with torch.no_grad():
         out = model(ref["sample"], ref["timestep"], ref["encoder_hidden_states"],

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import _gaussian_blur_tokens, attend, attention_weights, fused_attention
+from .attention import attend, attention_weights, fused_attention, gaussian_blur_tokens
 from .layers import timestep_embedding
 from .model import AttentionSiteError, UNetOutput
 from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, apply_on_samples
@@ -272,10 +272,10 @@ class Attention(nn.Module):
             return v, None                                   # A = I: each token keeps its own value
         q, k, v = (_to_heads(t, self.heads) for t in (q, k, v))
         if isinstance(request, BlurQueries):
-            q = _gaussian_blur_tokens(q, batch, grid[0], grid[1], request.sigma, request.kernel_size)
+            q = gaussian_blur_tokens(q, batch, grid[0], grid[1], request.sigma, request.kernel_size)
         if self.fused and not isinstance(request, Capture):
             return _from_heads(fused_attention(q, k, v), batch), None
-        if self.upcast:
+        if self.upcast or isinstance(request, Capture):     # a map someone reads: float32 logits too
             q, k = q.float(), k.float()
         weights = attention_weights(q, k)                    # [(b heads), N, S] float32
         attention_map = None
@@ -496,6 +496,7 @@ class SDUNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, c.block_out_channels[0], eps=eps)
         self.conv_out = nn.Conv2d(c.block_out_channels[0], c.out_channels, c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2)
+        self._sites = tuple(m.site for m in self.modules() if isinstance(m, BasicTransformerBlock))   # fixed names
 
     # -- properties the pipeline reads ------------------------------------------------------------------
 
@@ -526,12 +527,9 @@ class SDUNet(nn.Module):
 
     # -- the attention seam -------------------------------------------------------------------------------
 
-    def _transformer_blocks(self):
-        return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
-
     def self_attention_sites(self) -> Tuple[str, ...]:
         """Every self-attention module name, in forward order (down blocks, mid block, up blocks)."""
-        return tuple(block.site for block in self._transformer_blocks())
+        return self._sites
 
     @property
     def sag_site(self) -> str:
