@@ -16,7 +16,7 @@ from checkpoints_convert.sd_keys_unet import unet_config_from_ldm, unet_state_fr
 from unet.attention import gaussian_blur_tokens
 from unet.model import AttentionSiteError
 from unet.sd_unet import SDUNet, SDUNetConfig
-from unet.seam import AttentionMap, BlurQueries, Capture, IdentityAttention
+from unet.seam import BlurQueries, Capture, IdentityAttention
 
 DIFFUSERS = Path(__file__).parent / "fixtures" / "diffusers"
 FOLDER_UNET = DIFFUSERS / "sd15_tiny" / "unet"
@@ -113,12 +113,14 @@ def test_fused_and_explicit_attention_agree():
 
 def test_forward_leaves_no_hooks_and_no_state():
     ref, model = _ref("unet_forward"), _folder_unet()
-    before = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m))) for n, m in model.named_modules()}
+    def state():
+        return {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m))) for n, m in model.named_modules()}
+
+    before = state()
     with torch.no_grad():
         model(ref["sample"], 1, ref["encoder_hidden_states"],
               attention={model.sag_site: Capture(), model.self_attention_sites()[0]: BlurQueries(1.0)})
-    after = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m))) for n, m in model.named_modules()}
-    assert before == after
+    assert state() == before
 
 
 # -- PAG: identity attention ------------------------------------------------------------------------------
@@ -208,8 +210,8 @@ def test_sites_and_layer_matching():
     assert model.match_layers(["up_blocks.1.attentions.(0|2)"]) == (sites[3], sites[5])   # a regex
 
 
-@pytest.mark.parametrize("layer_id", ["down_blocks.3", "down.block_1", "mid_block.attentions.0.transformer_blocks.0.attn2",
-                                      "up_blocks.(1"])
+@pytest.mark.parametrize("layer_id", ["down_blocks.3", "down.block_1", "up_blocks.(1",
+                                      "mid_block.attentions.0.transformer_blocks.0.attn2"])
 def test_unknown_layer_id_is_one_line(layer_id):
     with pytest.raises(ValueError) as error:
         _folder_unet().match_layers([layer_id])
@@ -317,3 +319,34 @@ def test_config_inferred_from_shapes_for_sd1_and_sd2(family):
     keep = {"sample_size": config.sample_size, "upcast_attention": config.upcast_attention}
     assert SDUNetConfig(**{**rebuilt.__dict__, **keep}) == config
     SDUNet(rebuilt).load_state_dict(unet_state_from_ldm(single), strict=True)
+
+
+SD15_CONFIG = {  # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers 0.6.0: older keys only)
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_CONFIG = dict(SD15_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, sample_size=96,
+                   use_linear_projection=True, upcast_attention=True, dual_cross_attention=False,
+                   num_class_embeds=None, only_cross_attention=False, class_embed_type=None)
+
+
+@pytest.mark.parametrize("config, parameters", [(SD15_CONFIG, 859_520_964), (SD21_CONFIG, 865_910_724)])
+def test_real_sd_configs_build_the_published_networks(config, parameters):
+    """SD 1.5 and SD 2.1 configs (on the meta device: shapes only) give the published parameter counts, 686
+    tensors, 16 self-attention sites, the v1-5 single-file key layout and, from its shapes, the same heads."""
+    with torch.device("meta"):
+        model = SDUNet(SDUNetConfig.from_diffusers(config))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert len(model.state_dict()) == 686 and len(model.self_attention_sites()) == 16
+    single = unet_state_to_ldm(model.state_dict())
+    for key in ("input_blocks.3.0.op.weight", "input_blocks.9.0.op.weight", "output_blocks.2.1.conv.weight",
+                "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight", "middle_block.1.proj_in.weight",
+                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "out.2.weight", "time_embed.2.weight"):
+        assert "model.diffusion_model." + key in single
+    inferred = unet_config_from_ldm(single)
+    assert inferred["attention_head_dim"] == config["attention_head_dim"]
+    assert inferred["use_linear_projection"] == config.get("use_linear_projection", False)

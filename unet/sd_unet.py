@@ -37,7 +37,6 @@ the explicit softmax, the same function to float rounding). Nothing is stored on
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -134,13 +133,14 @@ class SDUNetConfig:
                         if key not in known and key not in _MUST_BE_OFF and key not in _IGNORED
                         and value not in (None, False)]
         if unsupported:
-            raise ValueError(f"U-Net config: option(s) not used by SD 1.x/2.x and not supported: {', '.join(unsupported)}")
+            raise ValueError(f"U-Net config: option(s) not used by SD 1.x/2.x and not supported: "
+                             f"{', '.join(unsupported)}")
         levels = len(config.get("block_out_channels", cls.block_out_channels))
         for key in ("layers_per_block", "cross_attention_dim"):
             if isinstance(config.get(key), (list, tuple)):
                 raise ValueError(f"U-Net config: per-block {key} lists are not supported (SD 1.x/2.x use one value)")
         # diffusers' naming bug: attention_head_dim holds the number of heads; num_attention_heads wins if set
-        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
         values = {key: config[key] for key in known - {"attention_head_dim"} if key in config}
         values["num_attention_heads"] = _per_block(heads, levels)
         values["transformer_layers_per_block"] = _per_block(config.get("transformer_layers_per_block", 1), levels)
@@ -608,7 +608,8 @@ class SDUNet(nn.Module):
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(batch)
         if timesteps.shape != (batch,):
-            raise ValueError(f"timestep must be a number, a 0-d or a [{batch}] tensor, got shape {tuple(timesteps.shape)}")
+            raise ValueError(f"timestep must be a number, a 0-d or a [{batch}] tensor, "
+                             f"got shape {tuple(timesteps.shape)}")
         attention = dict(attention or {})
         self._check_requests(attention)
 
