@@ -186,23 +186,25 @@ class TimestepEmbedding(nn.Module):
 
 class ResnetBlock2D(nn.Module):
     """out = (conv_shortcut(x) + conv2(drop(SiLU(norm2(conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb))))))) / scale.
-    x [B, C_in, H, W], temb [B, E] -> [B, C_out, H, W]."""
+    x [B, C_in, H, W], temb [B, E] -> [B, C_out, H, W]. ``temb_channels=None`` (the VAE, ``unet.sd_vae``):
+    no ``time_emb_proj`` and no temb term, as diffusers' ResnetBlock2D."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: Optional[int], groups: int, eps: float,
                  dropout: float, output_scale_factor: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return (skip + h) / self.output_scale_factor
