@@ -24,6 +24,9 @@ operations in its order, so timesteps, ᾱ and σ are bit-identical and steps ag
 The DDIM update itself (``ddim_mean``, ``ddim_sigma_from_alphas``) and the cosine betas are the ones the
 ADM process in ``diffusion.gaussian`` / ``diffusion.schedules`` uses.  With η > 0 the DDIM σ_t is DDIM
 Eq. 16 in the ADM operation order (diffusers takes one square root of the product: ≤ 1 ulp apart).
+``vp_x0_eps`` / ``add_noise`` are the same math as ``GaussianDiffusion.predict_x0_from_eps`` / ``q_sample``
+but not the same arithmetic: those gather float64 tables (√(1/ᾱ), √(1/ᾱ − 1)) as guided-diffusion does,
+these take float32 square roots of the float32 ᾱ as diffusers does; each is bit-exact to its reference.
 
 Device: ``set_timesteps(n, device)`` puts every table there; a step looks its coefficients up on the
 device (a timestep may be a Python number or a 0-d / [B] tensor), with no host synchronisation.  The
@@ -331,6 +334,8 @@ class PNDMScheduler(_VPScheduler):
       later:   ε' = (55 ε_k − 59 ε_{k−1} + 37 ε_{k−2} − 9 ε_{k−3})/24
     each through the transfer φ (PNDM Eq. 11), which equals the DDIM η = 0 update in exact arithmetic:
       x_{t'} = √(ᾱ_{t'}/ᾱ_t) x_t − (ᾱ_{t'} − ᾱ_t) ε' / (ᾱ_t √(1 − ᾱ_{t'}) + √(ᾱ_t (1 − ᾱ_t) ᾱ_{t'})).
+    With v-prediction the history holds the raw v outputs and ε' is the combined v turned into ε at the
+    stepped sample (diffusers' rule; only call 0 equals the ε-prediction run exactly).
     ``set_timesteps`` starts a fresh history.  The Runge–Kutta warm-up (skip_prk_steps false) is refused.
     """
     class_defaults = dict(set_alpha_to_one=False, skip_prk_steps=False)

@@ -193,6 +193,13 @@ def test_v_prediction_and_eps_prediction_agree(name):
         v = vp_velocity(alpha_bar, x0, eps)
         for got, want, truth in zip(by_v.to_x0_eps(v, t, sample), by_eps.to_x0_eps(eps, t, sample), (x0, eps)):
             assert max_err(got, want) <= 1e-4 and max_err(got, truth) <= 1e-4
+    # and the first step (PNDM's history is then one output, so it too must agree)
+    t = by_eps.timesteps[0]
+    sample = by_eps.add_noise(x0, eps, t)
+    v = vp_velocity(by_eps.alphas_cumprod[int(t)], x0, eps)
+    by_v_step, by_eps_step = by_v.step(v, t, sample), by_eps.step(eps, t, sample)
+    assert max_err(by_v_step.prev_sample, by_eps_step.prev_sample) <= 1e-4
+    assert max_err(by_v_step.pred_original_sample, x0) <= 1e-4
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
