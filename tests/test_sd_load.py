@@ -18,14 +18,7 @@ FOLDER = FIXTURES / "sd15_tiny"
 SINGLE_FILE = FIXTURES / "sd15_tiny_ldm.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's convolutions are too small to gain from a second intra-op thread, and on shared
-    cores its spin-waits cost seconds per call; results do not depend on the thread count (tolerances)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

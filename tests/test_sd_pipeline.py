@@ -34,14 +34,7 @@ def max_err(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's convolutions are too small to gain from a second intra-op thread, and on shared
-    cores its spin-waits cost seconds per call; results do not depend on the thread count (tolerances)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -246,28 +239,35 @@ def test_bad_arguments_are_one_line(pipe):
             pipe("x", num_inference_steps=1, **kwargs)
 
 
-@pytest.mark.parametrize("case, eta", [("plain_ddim_cfg", 0.5), ("sag_pndm_cfg", 0.0), ("pag_mid_cfg_euler", 0.0)],
-                         ids=["ddim-eta", "pndm", "euler"])
-def test_the_sampling_loop_reads_no_tensor_value(case, eta):
-    """The whole loop on the ``meta`` device, where any .item() / bool(tensor) raises: no host sync for
-    any method, with or without CFG, on each scheduler (timesteps are read once, before the loop)."""
+ALL_METHODS = [(method, w) for method in ({}, dict(sag_scale=0.75), dict(pag_scale=3.0), dict(seg_scale=3.0, seg_sigma=2.0))
+               for w in (1.0, 7.5)]
+
+
+@pytest.mark.parametrize("case, eta, steps, methods", [
+    ("plain_ddim_cfg", 0.5, 1, ALL_METHODS),
+    ("sag_pndm_cfg", 0.0, 2, [(dict(sag_scale=0.75), 7.5)]),
+    ("pag_mid_cfg_euler", 0.0, 2, [(dict(sag_scale=0.75), 7.5), (dict(pag_scale=3.0), 7.5)]),
+], ids=["ddim-eta", "pndm", "euler"])
+def test_the_sampling_loop_reads_no_tensor_value(case, eta, steps, methods):
+    """The loop on the ``meta`` device, where any .item() / bool(tensor) raises: no host sync for any
+    method, with or without CFG (DDIM with eta noise, one step), nor in the schedulers' multi-step paths
+    (PNDM: 3 model calls for 2 steps; Euler), on non-square latents; timesteps are read once, before."""
     configs = {part: json.loads((FOLDER / part / "config.json").read_text()) for part in ("unet", "vae", "text_encoder")}
     with torch.device("meta"):
         networks = build_unet(configs["unet"]), build_vae(configs["vae"]), build_text_encoder(configs["text_encoder"])
     scheduler = case_scheduler(case)
     meta = StableDiffusionPipeline(*networks, tokenizer=None, scheduler=scheduler, device="meta")
-    scheduler.set_timesteps(2)
+    scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.tolist()
     x, cond = torch.randn(2, 4, 16, 8, device="meta"), torch.randn(2, 77, 32, device="meta")
-    for method in ({}, dict(sag_scale=0.75), dict(pag_scale=3.0), dict(seg_scale=3.0, seg_sigma=2.0)):
-        for w in (1.0, 7.5):
-            scheduler.set_timesteps(2, device="meta")
-            guidance = build_guidance(meta.unet, guidance_scale=w, negative_embeds=cond, **method)
-            seen = []
-            out = meta.denoise(x, cond, guidance, timesteps, eta=eta, streams=SampleNoise([0, 1], "meta"),
-                               callback=seen.append)
-            assert out.device.type == "meta" and out.shape == x.shape and len(seen) == len(timesteps)
-            assert (seen[0].salient_mask is not None) == ("sag_scale" in method)
+    for method, w in methods:
+        scheduler.set_timesteps(steps, device="meta")
+        guidance = build_guidance(meta.unet, guidance_scale=w, negative_embeds=cond, **method)
+        seen = []
+        out = meta.denoise(x, cond, guidance, timesteps, eta=eta, streams=SampleNoise([0, 1], "meta"),
+                           callback=seen.append)
+        assert out.device.type == "meta" and out.shape == x.shape and len(seen) == len(timesteps)
+        assert (seen[0].salient_mask is not None) == ("sag_scale" in method)
 
 
 def test_bfloat16_autocast_and_a_non_square_image():
