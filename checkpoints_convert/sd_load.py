@@ -266,7 +266,11 @@ def load_single_file(path: PathLike, config_folder: Optional[PathLike] = None) -
             ("text_encoder", build_text_encoder, text_encoder_config_from_ldm, text_encoder_state_from_ldm)):
         config_path = config_folder / component / "config.json"
         try:
-            config = read_json(config_path, f"{component} config") if config_path.is_file() else config_from_ldm(state)
+            folder_config = read_json(config_path, f"{component} config") if config_path.is_file() else None
+            if component == "unet":
+                config = config_from_ldm(state, folder_config)       # the folder's, checked against the shapes
+            else:
+                config = folder_config if folder_config is not None else config_from_ldm(state)
             component_state = state_from_ldm(state)
         except (KeyError, ValueError) as exc:
             if isinstance(exc, CheckpointError):

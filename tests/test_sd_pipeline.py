@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints_convert.sd_load import build_text_encoder, build_unet, build_vae
 from diffusion.sd_schedulers import scheduler_from_config
 from sag import gaussian_blur, salient_mask
 from sag.guidance import GuidanceError
+from sag.seeding import SampleNoise
 from sag.sd import load_pipeline
-from sag.sd.guidance import SchedulerTimestep, ScaledInputUNet, build_guidance, guided_output
+from sag.sd.guidance import SchedulerTimestep, build_guidance, guided_output
+from sag.sd.pipeline import StableDiffusionPipeline
 from unet.seam import AttentionMap
 
 FIXTURES = Path(__file__).parent / "fixtures" / "diffusers"
@@ -29,6 +32,9 @@ LATENTS_TOL, IMAGE_TOL, STEP_TOL = 1e-4, 1e-3, 1e-5
 
 def max_err(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +79,9 @@ def test_pipeline_matches_diffusers(pipe, case):
     ref, latents, steps = run_case(pipe, case)
     assert len(steps) == len(ref["step_t"])
     assert [s.t for s in steps] == ref["step_t"].tolist()
-    # The first step's guided output is a single (guided) forward away from the recorded one.
-    assert max_err(steps[0].model_output, ref["step_model_output"][0]) <= STEP_TOL
+    # The guided output of every step (measured <= 5.1e-6; the latents it acts on differ by <= 1.2e-5).
     for i, step in enumerate(steps):
-        assert max_err(step.model_output, ref["step_model_output"][i]) <= LATENTS_TOL, (case, i)
+        assert max_err(step.model_output, ref["step_model_output"][i]) <= STEP_TOL, (case, i)
         assert max_err(step.latents, ref["step_prev_sample"][i]) <= LATENTS_TOL, (case, i)
     assert max_err(latents, ref["final_latents"]) <= LATENTS_TOL
     assert max_err(pipe.decode_latents(latents).permute(0, 2, 3, 1), ref["image"]) <= IMAGE_TOL
@@ -232,3 +237,46 @@ def test_bad_arguments_are_one_line(pipe):
                           (dict(guidance_scale=math.nan), "finite")):
         with pytest.raises(GuidanceError, match=match):
             pipe("x", num_inference_steps=1, **kwargs)
+
+
+ALL_METHODS = [(method, w) for method in ({}, dict(sag_scale=0.75), dict(pag_scale=3.0), dict(seg_scale=3.0, seg_sigma=2.0))
+               for w in (1.0, 7.5)]
+
+
+@pytest.mark.parametrize("case, eta, steps, methods", [
+    ("plain_ddim_cfg", 0.5, 1, ALL_METHODS),
+    ("sag_pndm_cfg", 0.0, 2, [(dict(sag_scale=0.75), 7.5)]),
+    ("pag_mid_cfg_euler", 0.0, 2, [(dict(sag_scale=0.75), 7.5), (dict(pag_scale=3.0), 7.5)]),
+], ids=["ddim-eta", "pndm", "euler"])
+def test_the_sampling_loop_reads_no_tensor_value(case, eta, steps, methods):
+    """The loop on the ``meta`` device, where any .item() / bool(tensor) raises: no host sync for any
+    method, with or without CFG (DDIM with eta noise, one step), nor in the schedulers' multi-step paths
+    (PNDM: 3 model calls for 2 steps; Euler), on non-square latents; timesteps are read once, before."""
+    configs = {part: json.loads((FOLDER / part / "config.json").read_text()) for part in ("unet", "vae", "text_encoder")}
+    with torch.device("meta"):
+        networks = build_unet(configs["unet"]), build_vae(configs["vae"]), build_text_encoder(configs["text_encoder"])
+    scheduler = case_scheduler(case)
+    meta = StableDiffusionPipeline(*networks, tokenizer=None, scheduler=scheduler, device="meta")
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    x, cond = torch.randn(2, 4, 16, 8, device="meta"), torch.randn(2, 77, 32, device="meta")
+    for method, w in methods:
+        scheduler.set_timesteps(steps, device="meta")
+        guidance = build_guidance(meta.unet, guidance_scale=w, negative_embeds=cond, **method)
+        seen = []
+        out = meta.denoise(x, cond, guidance, timesteps, eta=eta, streams=SampleNoise([0, 1], "meta"),
+                           callback=seen.append)
+        assert out.device.type == "meta" and out.shape == x.shape and len(seen) == len(timesteps)
+        assert (seen[0].salient_mask is not None) == ("sag_scale" in method)
+
+
+def test_bfloat16_autocast_and_a_non_square_image():
+    """bf16 autocast on the CPU (U-Net only; latents, guidance, scheduler and VAE float32) stays close to
+    float32 (measured 9.4e-3 max, 1.1e-3 mean with CFG 7.5), on a 128 x 64 image whose mid-block map is 4 x 8."""
+    kwargs = dict(prompt="a cat", seeds=[3], num_inference_steps=3, sag_scale=0.75, height=128, width=64)
+    full = load_pipeline(FOLDER)(**kwargs)
+    half = load_pipeline(FOLDER, dtype=torch.bfloat16)(**kwargs)
+    assert full.shape == half.shape == (1, 128, 64, 3) and half.dtype == np.float32
+    assert np.abs(full - half).max() <= 0.03 and np.abs(full - half).mean() <= 3e-3
+    with pytest.raises(GuidanceError, match="CUDA"):
+        load_pipeline(FOLDER, dtype=torch.float16)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .sd_unet import Downsample2D, ResnetBlock2D, Upsample2D
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig"]
 
@@ -90,48 +91,9 @@ class AutoencoderKLConfig:
         return cls(**{k: v for k, v in config.items() if k in known})
 
 
-class ResnetBlock2D(nn.Module):
-    """x -> shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))), no time embedding (VAE).
-
-    shortcut = 1x1 ``conv_shortcut`` when the width changes, else identity.
-    [B x C_in x H x W] -> [B x C_out x H x W].
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=_NORM_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=_NORM_EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
-
-
-class Downsample2D(nn.Module):
-    """Halve H and W: pad one zero row/column at the bottom/right, then a stride-2 3x3 conv
-    (LDM's asymmetric padding). [B x C x H x W] -> [B x C x H/2 x W/2] (H, W even)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2D(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 conv. [B x C x H x W] -> [B x C x 2H x 2W]."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+def _resnet(in_channels: int, out_channels: int, groups: int) -> ResnetBlock2D:
+    """The U-Net's resnet block without time embedding: shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))))))."""
+    return ResnetBlock2D(in_channels, out_channels, None, groups, _NORM_EPS, dropout=0.0, output_scale_factor=1.0)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -163,7 +125,7 @@ class MidBlock2D(nn.Module):
 
     def __init__(self, channels: int, groups: int, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
+        self.resnets = nn.ModuleList([_resnet(channels, channels, groups) for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)] if add_attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +143,7 @@ class ResnetLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
                  resampler: Optional[nn.Module] = None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+        self.resnets = nn.ModuleList([_resnet(in_channels if i == 0 else out_channels, out_channels, groups)
                                       for i in range(num_layers)])
         setattr(self, self.resampler_attr, nn.ModuleList([resampler] if resampler is not None else []))
 
@@ -210,7 +172,7 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             EncoderLevel(widths[max(i - 1, 0)], width, config.layers_per_block, groups,
-                         Downsample2D(width) if i < len(widths) - 1 else None)
+                         Downsample2D(width, padding=0) if i < len(widths) - 1 else None)
             for i, width in enumerate(widths)])
         self.mid_block = MidBlock2D(widths[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=_NORM_EPS)

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from .guidance import ScaledInputUNet, SchedulerTimestep, build_guidance, guided_output
-from .pipeline import SDStepInfo, StableDiffusionPipeline
+from .pipeline import SDStepInfo, StableDiffusionPipeline, check_precision
 
 __all__ = ["load_pipeline", "StableDiffusionPipeline", "SDStepInfo", "build_guidance", "guided_output",
            "ScaledInputUNet", "SchedulerTimestep"]
@@ -29,6 +29,7 @@ def load_pipeline(path_or_folder: Union[str, os.PathLike], device=None, dtype: t
     Bad input raises one ``CheckpointError`` / ``GuidanceError`` line.
     """
     from checkpoints_convert.sd_load import load_components
+    check_precision(device, dtype)                       # before minutes of loading
     parts = load_components(path_or_folder, config_folder)
     return StableDiffusionPipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler,
                                    device=device, dtype=dtype, source=str(path_or_folder))

@@ -47,6 +47,16 @@ class SDStepInfo(NamedTuple):
     details: Optional[NamedTuple]         # the guidance method's intermediates (SAGStep, CFGStep, ...)
 
 
+def check_precision(device, dtype: torch.dtype) -> torch.device:
+    """The device (default CPU) after checking that ``dtype`` can run there (one line otherwise)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype not in DTYPES:
+        raise GuidanceError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
+    if dtype == torch.float16 and device.type != "cuda":
+        raise GuidanceError("float16 autocast needs a CUDA device; use dtype=torch.bfloat16 on the CPU")
+    return device
+
+
 def _texts(value, name: str) -> List[str]:
     texts = [value] if isinstance(value, str) else list(value)
     if not texts or not all(isinstance(t, str) for t in texts):
@@ -65,11 +75,7 @@ class StableDiffusionPipeline:
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device=None,
                  dtype: torch.dtype = torch.float32, source: str = ""):
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if dtype not in DTYPES:
-            raise GuidanceError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
-        if dtype == torch.float16 and device.type != "cuda":
-            raise GuidanceError("float16 autocast needs a CUDA device; use dtype=torch.bfloat16 on the CPU")
+        device = check_precision(device, dtype)
         self.unet, self.vae, self.text_encoder = unet.to(device).eval(), vae.to(device).eval(), text_encoder.to(device).eval()
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.device, self.dtype, self.source = device, dtype, source
@@ -173,16 +179,28 @@ class StableDiffusionPipeline:
         x = self._initial_latents(streams, shape, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps.tolist()                       # the one read, before the loop
-        x = x * self.scheduler.init_noise_sigma
-        for index, t in enumerate(timesteps):
-            guided = guided_output(guidance, self.unet, self.scheduler, t, x, cond, self.dtype)
-            x = self.scheduler.step(guided.output, t, x, **self._step_kwargs(eta, streams, shape)).prev_sample
-            if callback is not None:
-                callback(SDStepInfo(index, t, x, guided.output, salient_mask_of(guided.details), guided.details))
+        x = self.denoise(x * self.scheduler.init_noise_sigma, cond, guidance, timesteps, eta=eta, streams=streams,
+                         callback=callback)
         if output_type == "latent":
             return x
         images = self.decode_latents(x)                                     # [B x 3 x H x W]
         return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, guidance, timesteps: Sequence,
+                eta: float = 0.0, streams: Optional[SampleNoise] = None,
+                callback: Optional[Callable[[SDStepInfo], None]] = None) -> torch.Tensor:
+        """The sampling loop: latents [B x C x h x w] (already times init_noise_sigma) through the
+        scheduler's ``timesteps`` (Python numbers, read once before), each step's guided output from
+        ``guidance`` (:func:`sag.sd.guidance.build_guidance`; None = plain) -> the final latents.
+        Reads no tensor value on the host; eta > 0 draws each step's noise from ``streams``."""
+        x = latents
+        for index, t in enumerate(timesteps):
+            guided = guided_output(guidance, self.unet, self.scheduler, t, x, prompt_embeds, self.dtype)
+            x = self.scheduler.step(guided.output, t, x, **self._step_kwargs(eta, streams, x.shape[1:])).prev_sample
+            if callback is not None:
+                callback(SDStepInfo(index, t, x, guided.output, salient_mask_of(guided.details), guided.details))
+        return x
 
     def _step_kwargs(self, eta: float, streams: SampleNoise, shape) -> dict:
         """The extra arguments of ``scheduler.step``: ``eta``, and for eta > 0 (DDIM) the step noise from
