@@ -9,7 +9,7 @@ setup(
     package_data={"sag": ["assets/*"]},
     include_package_data=True,
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "pillow", "tqdm", "scipy"],
+    install_requires=["torch", "numpy", "pillow", "tqdm", "scipy", "safetensors"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["sag-sample=sag.sample:main"]},
 )

@@ -69,6 +69,25 @@ def _check_batch(x: Tensor, t: Tensor) -> None:
         f"t must be [N] for x [N x ...], got t {tuple(t.shape)} and x {tuple(x.shape)}"
 
 
+def ddim_sigma_from_alphas(alpha_bar: Tensor, alpha_bar_prev: Tensor, eta: float) -> Tensor:
+    """σ_t(η) = η · √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_{t−1})  (DDIM Eq. 16).
+
+    alpha_bar, alpha_bar_prev: float32 tensors of one shape (0-d, [N] or broadcast to the sample);
+    eta: Python float.  Shared by ``GaussianDiffusion.ddim_sigma`` and the SD DDIM scheduler.
+    """
+    return eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+
+
+def ddim_mean(pred_x0: Tensor, eps: Tensor, alpha_bar_prev: Tensor, sigma: Tensor) -> Tensor:
+    """The deterministic part of the DDIM update (DDIM Eq. 12): √ᾱ_{t−1} · x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) · ε.
+
+    pred_x0, eps: [N x C x H x W]; alpha_bar_prev, sigma: float32 coefficients that broadcast against
+    them (0-d, or [N, 1, 1, 1] / expanded).  The step adds σ_t · z to this when η > 0.
+    Shared by ``GaussianDiffusion.ddim_step`` and the SD DDIM scheduler (same float32 operations).
+    """
+    return pred_x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+
+
 class GaussianDiffusion:
     """A Gaussian diffusion process respaced onto the kept timesteps of a base schedule.
 
@@ -297,10 +316,8 @@ class GaussianDiffusion:
     def ddim_sigma(self, t: Tensor, eta: float, shape: torch.Size) -> Tensor:
         """σ_t(η) = η · √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_{t−1})  (DDIM Eq. 16), broadcast to shape."""
         assert t.ndim == 1 and t.shape[0] == shape[0], f"t must be [N] for shape {tuple(shape)}"
-        alpha_bar = self._extract("alphas_cumprod", t, shape)
-        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, shape)
-        return (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-                * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
+        return ddim_sigma_from_alphas(self._extract("alphas_cumprod", t, shape),
+                                      self._extract("alphas_cumprod_prev", t, shape), eta)
 
     def ddim_step(self, x_t: Tensor, pred_x0: Tensor, t: Tensor, eta: float = 0.0,
                   noise: Optional[Tensor] = None) -> Tensor:
@@ -315,7 +332,7 @@ class GaussianDiffusion:
         eps = self.predict_eps_from_x0(x_t, t, pred_x0)
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x_t.shape)
         sigma = self.ddim_sigma(t, eta, x_t.shape)
-        mean_pred = pred_x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        mean_pred = ddim_mean(pred_x0, eps, alpha_bar_prev, sigma)
         if noise is None:
             assert eta == 0, "ddim_step with eta != 0 needs noise"
             return mean_pred

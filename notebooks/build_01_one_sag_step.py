@@ -217,11 +217,13 @@ def _outputs(text: str, value, count: int):
     return outputs
 
 
-def build(path=HERE / "01_one_sag_step.ipynb") -> float:
+def build(path=HERE / "01_one_sag_step.ipynb", cell_sources=CELLS) -> float:
+    """Run ``cell_sources`` ((kind, source) pairs) in one namespace and write them, with their outputs, to ``path``
+    (the other notebooks' builders call this with their own cells)."""
     sys.path.insert(0, str(ROOT))
     namespace = {"__name__": "__main__"}
     cells, count, start = [], 0, time.time()
-    for kind, source in CELLS:
+    for kind, source in cell_sources:
         lines = source.strip("\n").splitlines(keepends=True)
         if kind == "md":
             cells.append({"cell_type": "markdown", "metadata": {}, "source": lines})

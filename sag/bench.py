@@ -704,6 +704,10 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sd" in argv:                       # the Stable Diffusion steps: python -m sag.sd.bench
+        from .sd.bench import main as sd_main
+        return sd_main([a for a in argv if a != "--sd"])
     args = _parse_args(argv)
     try:
         report = run_bench(args)

@@ -49,7 +49,7 @@ import torch
 
 from diffusion import MeanVariance
 
-from .guidance import GuidanceError, SAGConfig, sag_step
+from .guidance import GuidanceError, SAGConfig, sag_after_first_pass
 from .perturbed import Pass, PAGConfig, PAGStep, SEGConfig, SEGStep, _unwrap, run_passes
 
 
@@ -76,6 +76,8 @@ class CFGConfig:
                         conditional network itself, fed ``null_label``.
     null_label:         class index fed as the "unconditional" label when the eps_u network is
                         class-conditional (ADM has no trained null label: a stand-in).
+    unconditional_input: the eps_u pass's conditioning tensor itself, used as given (Stable Diffusion:
+                        the negative or empty prompt's text embeddings [B x L x D]); overrides null_label.
     batched:            when eps_u and eps_c come from the same network, one forward of 2B
                         ([uncond; cond]); the same up to float rounding.
     """
@@ -83,6 +85,7 @@ class CFGConfig:
     unconditional_model: Optional[torch.nn.Module] = field(default=None, repr=False, compare=False)
     null_label: Optional[int] = None
     batched: bool = True
+    unconditional_input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not (isinstance(self.w, (int, float)) and math.isfinite(self.w)):
@@ -99,6 +102,8 @@ class CFGConfig:
         if y is None:
             raise GuidanceError("CFG needs class labels y and a class-conditional network for eps_c")
         net = _unwrap(self.unconditional_model) if self.unconditional_model is not None else _unwrap(model)
+        if self.unconditional_input is not None:
+            return net, self.unconditional_input
         if getattr(net, "label_embed", None) is None:
             return net, None
         if self.null_label is None:
@@ -122,8 +127,9 @@ class CFGWith:
         PAG / SEG:  eps_u + w (eps_c - eps_u) + s (eps_c - eps_c_perturbed)
 
     w = cfg.w (1 = off), s = method.scale (0 = off). With one network and ``batched`` on both configs,
-    PAG / SEG + CFG is one forward of 3B ([uncond; cond; cond-perturbed]); SAG + CFG always runs
-    sequentially (first uncond pass with the map, x_bar_t pass, cond pass).
+    PAG / SEG + CFG is one forward of 3B ([uncond; cond; cond-perturbed]); SAG + CFG is one forward of
+    2B ([uncond; cond], the map read from the uncond half, as diffusers' SAG pipeline does), then the
+    x_bar_t pass of B (sequentially: uncond pass with the map, cond pass, x_bar_t pass).
     """
     cfg: CFGConfig
     method: Union[SAGConfig, PAGConfig, SEGConfig]
@@ -153,9 +159,14 @@ class CFGWith:
         net_u, y_u = self.cfg.unconditional(model, y)
         method, s, w = self.method, self.method.scale, self.cfg.w
         if isinstance(method, SAGConfig):
-            # 1. SAG on the unconditional half (eps_u, its map, x_bar_t, eps_u(x_bar_t)), then eps_c.
-            inner = sag_step(net_u, diffusion, x_t, t, method, y_u, clip_denoised)
-            cond = run_passes(diffusion, x_t, t, [Pass(model, y, {})], batched=False, clip_denoised=clip_denoised)[0]
+            # 1. [uncond; cond] (one forward of 2B when batched on one network) with the map read from the
+            #    unconditional half, then SAG on that half (x_bar_t, a third pass eps_u(x_bar_t)).
+            request = method.attention_request()
+            passes = [Pass(net_u, y_u, {method.site: request} if request else {}), Pass(model, y, {})]
+            (uncond, cond), maps = run_passes(diffusion, x_t, t, passes, batched=self.cfg.batched,
+                                              clip_denoised=clip_denoised, with_maps=True)
+            inner = sag_after_first_pass(net_u, diffusion, x_t, t, method, uncond, maps.get(method.site), y_u,
+                                         clip_denoised)
             eps_u = inner.first.eps
             # 2. Guide: CFG, then away from the degraded unconditional prediction.
             return CFGStep(cfg_eps(cond.eps, eps_u, w) + s * (eps_u - inner.eps_degraded), cond, eps_u, inner)

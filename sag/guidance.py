@@ -157,9 +157,20 @@ def sag_step(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Te
     request = config.attention_request()
     # 1. First pass, reading A_t at the chosen site: eps_theta(x_t) and x0_hat (clipped as the sampler clips).
     first, maps = run_model(model, diffusion, x_t, t, y, {config.site: request} if request else None, clip_denoised)
+    return sag_after_first_pass(model, diffusion, x_t, t, config, first, maps.get(config.site), y, clip_denoised)
+
+
+def sag_after_first_pass(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor,
+                         config: SAGConfig, first: MeanVariance, attention_map: Optional[AttentionMap],
+                         y: Optional[torch.Tensor] = None, clip_denoised: bool = True) -> SAGStep:
+    """Steps 2-6 of :func:`sag_step` from a first pass already made (e.g. the unconditional half of a
+    batched CFG forward): mask, blur, re-noise, second pass, guided eps.
+
+    x_t [B x C x H x W], t [B], first: MeanVariance of the B samples, attention_map [B x heads x N x N]
+    (None for blur guidance) -> SAGStep.
+    """
     x0_hat = first.pred_x0
     # 2. Salient mask M_t: tokens receiving more than the mean attention, upsampled to the image (nearest).
-    attention_map = maps.get(config.site)
     if config.blur_everywhere:
         mask = torch.ones_like(x0_hat[:, :1])
     else:

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 __all__ = [
-    "atomic_write", "to_uint8_nhwc", "npz_name", "write_npz", "shard_name", "write_shard", "read_shard_indices",
-    "list_shards", "merge_shards", "make_grid", "write_png", "write_json", "read_json", "image_strip",
+    "atomic_write", "to_uint8_nhwc", "to_uint8_image", "npz_name", "write_npz", "shard_name", "write_shard",
+    "read_shard_indices", "list_shards", "merge_shards", "make_grid", "write_png", "write_json", "read_json", "image_strip",
 ]
 
 SHARD_GLOB = "shard_*.npz"
@@ -68,6 +68,14 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     ``((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)`` (truncation toward zero, as guided-diffusion)."""
     images = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def to_uint8_image(x: torch.Tensor) -> np.ndarray:
+    """One picture [C x H x W] in [-1, 1] (clamped) -> uint8 [H x W x 3]; one channel is repeated."""
+    x = x.detach().float().cpu()
+    if x.shape[0] == 1:
+        x = x.repeat(3, 1, 1)
+    return to_uint8_nhwc(x.clamp(-1, 1)[None])[0]
 
 
 def npz_name(num: int, height: int, width: int, channels: int = 3) -> str:

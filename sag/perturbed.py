@@ -91,7 +91,7 @@ class Pass(NamedTuple):
 
 
 def run_passes(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor, passes: Sequence[Pass], *,
-               batched: bool, clip_denoised: bool = True) -> List[MeanVariance]:
+               batched: bool, clip_denoised: bool = True, with_maps: bool = False):
     """Evaluate every pass on the same x_t [B x C x H x W] at respaced t [B]; one MeanVariance each.
 
     ``batched``: the passes on the same network run as one forward of n*B samples, pass k on batch
@@ -100,17 +100,23 @@ def run_passes(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor,
     labels (PAG, SEG), a ``UNet`` runs everything before the first request once (``copies=n``,
     sag.bench: about a quarter of a forward saved at the default sites). Not batched: one forward
     per pass, each identical to an unguided ``run_model`` call when it carries no request.
+
+    Returns one MeanVariance per pass, or with ``with_maps`` ``(that list, {site: AttentionMap})``:
+    the maps the passes' ``Capture`` requests returned, each for its own pass's B samples.
     """
     batch = x_t.shape[0]
     groups: Dict[int, List[int]] = {}
     for i, p in enumerate(passes):
         groups.setdefault(id(p.model) if batched else i, []).append(i)
     results: List[Optional[MeanVariance]] = [None] * len(passes)
+    maps: Dict[str, object] = {}
     for members in groups.values():
         if len(members) == 1 or sum(bool(passes[i].attention) for i in members) > 1:
             for i in members:
                 p = passes[i]
-                results[i] = run_model(p.model, diffusion, x_t, t, p.y, dict(p.attention) or None, clip_denoised)[0]
+                results[i], pass_maps = run_model(p.model, diffusion, x_t, t, p.y, dict(p.attention) or None,
+                                                  clip_denoised)
+                maps.update(pass_maps or {})
             continue
         n = len(members)
         attention = {site: replace(request, samples=slice(k * batch, (k + 1) * batch))
@@ -119,15 +125,19 @@ def run_passes(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor,
         net = passes[members[0]].model
         if isinstance(net, UNet) and all(label is labels[0] for label in labels):
             # Same x_t, t and labels: the U-Net computes the layers before the first request once.
-            eps_out = net(x_t, diffusion.model_timesteps(t), labels[0], attention=attention or None, copies=n).output
-            out = diffusion.p_mean_variance(eps_out, torch.cat([x_t] * n), t.repeat(n), clip_denoised=clip_denoised)
+            net_out = net(x_t, diffusion.model_timesteps(t), labels[0], attention=attention or None, copies=n)
+            out = diffusion.p_mean_variance(net_out.output, torch.cat([x_t] * n), t.repeat(n),
+                                            clip_denoised=clip_denoised)
+            group_maps = net_out.attention_maps
         else:
             y = None if labels[0] is None else torch.cat(labels)
-            out = run_model(net, diffusion, torch.cat([x_t] * n), t.repeat(n), y, attention or None, clip_denoised)[0]
+            out, group_maps = run_model(net, diffusion, torch.cat([x_t] * n), t.repeat(n), y, attention or None,
+                                        clip_denoised)
+        maps.update(group_maps or {})
         # out: fields [nB x C x H x W]
         for k, i in enumerate(members):
-            results[i] = MeanVariance(*(field[k * batch:(k + 1) * batch] for field in out))
-    return results
+            results[i] = MeanVariance(*(None if field is None else field[k * batch:(k + 1) * batch] for field in out))
+    return (results, maps) if with_maps else results
 
 
 def perturbed_eps(config, model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor,

@@ -43,11 +43,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
-import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -60,6 +57,14 @@ import numpy as np
 import torch
 
 from .precision import DTYPE_CHOICES, DTYPES, DtypeChoice
+# The pieces shared with ``python -m sag.sd`` (kept under their former private names here).
+from .cli_common import OneLineParser as _Parser
+from .cli_common import StepStrips, UsageError, check_seed_range, report_error, resolve_device, utc_iso
+from .cli_common import diff_keys as _diff_keys
+from .cli_common import jsonable as _jsonable
+from .cli_common import known_errors as _known_errors
+from .cli_common import step_callback as _callbacks
+from .cli_common import versions as _versions
 
 PROG = "sag-sample"
 SIDECAR = "samples.json"
@@ -78,11 +83,6 @@ SAG_CHECKPOINT_FLAGS = frozenset(SAG_FLAG_NAMES) | {"timestep_respacing", "use_f
                                                     "classifier_attention_resolutions",
                                                     "classifier_use_scale_shift_norm",
                                                     "classifier_resblock_updown", "classifier_pool"}
-MAX_SEED = 2**32 - 1
-
-
-class UsageError(ValueError):
-    """A command line or output folder that cannot work (one line)."""
 
 
 class _Quiet(Exception):
@@ -92,13 +92,6 @@ class _Quiet(Exception):
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises one-line UsageErrors instead of printing usage and exiting."""
-
-    def error(self, message):  # noqa: D401 - argparse hook
-        raise UsageError(message)
-
 
 def _bool(value: str) -> bool:
     from checkpoints_convert.flags import str2bool
@@ -230,8 +223,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, Dict[str, str]]
         raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if args.save_intermediates < 0:
         raise UsageError(f"--save-intermediates must be >= 0, got {args.save_intermediates}")
-    if not 0 <= args.seed or args.seed + args.num_samples - 1 > MAX_SEED:
-        raise UsageError(f"--seed {args.seed} with {args.num_samples} samples leaves [0, 2**32); the per-sample seeds seed + i must fit in 32 bits")
+    check_seed_range(args.seed, args.num_samples)
     if args.sag_scale is not None and not math.isfinite(args.sag_scale):
         raise UsageError(f"--sag-scale must be a finite number, got {args.sag_scale}")
     if args.classifier_scale is not None and not math.isfinite(args.classifier_scale):
@@ -294,24 +286,6 @@ class Dist:
             import torch.distributed as dist
             dist.destroy_process_group()
             self.active = False
-
-
-def resolve_device(requested: Optional[str], ctx: Dist) -> torch.device:
-    """``--device`` (default cuda if available, else cpu); under torchrun each rank takes cuda:LOCAL_RANK."""
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for CUDA but torch.cuda.is_available() is False; use --device cpu")
-        if ctx.world_size > 1 and device.index is None:
-            device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name!r} is not supported; use cpu or cuda")
-    return device
 
 
 def resolve_dtype(args, official: Dict[str, str], device: torch.device, model=None, batch: int = 1,
@@ -600,11 +574,6 @@ def resolve_classifier(args, flags: Dict[str, Any], device: torch.device, image_
 # Settings, sidecar, resume
 # ------------------------------------------------------------------------------------------------
 
-def _jsonable(obj):
-    """Round-trip through JSON (tuples become lists) so stored and fresh settings compare equal."""
-    return json.loads(json.dumps(obj, default=str))
-
-
 def guidance_record(guidance, num_steps: int) -> Optional[Dict[str, Any]]:
     """The guidance settings in both conventions (paper s and official g = 1 + s)."""
     if guidance is None:
@@ -633,93 +602,28 @@ def guidance_record(guidance, num_steps: int) -> Optional[Dict[str, Any]]:
     return rec
 
 
-def _versions() -> Dict[str, str]:
-    try:
-        from importlib.metadata import version
-        sag_version = version("sag")
-    except Exception:  # not installed: running from a checkout
-        sag_version = "0.1.0+checkout"
-    return {"sag": sag_version, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
-def _diff_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 # ------------------------------------------------------------------------------------------------
 # Intermediates
 # ------------------------------------------------------------------------------------------------
 
-def _to_uint8_image(x: torch.Tensor) -> np.ndarray:
-    """[C x H x W] in [-1, 1] (clamped) -> uint8 [H x W x 3]; one channel is repeated."""
-    from .io import to_uint8_nhwc
-    x = x.detach().float().cpu()
-    if x.shape[0] == 1:
-        x = x.repeat(3, 1, 1)
-    return to_uint8_nhwc(x.clamp(-1, 1)[None])[0]
-
-
-class IntermediateRecorder:
+class IntermediateRecorder(StepStrips):
     """Callback collecting, per SAG step, x0 estimate / mask / blurred x0 / x_bar_t of chosen samples."""
 
     ROWS = ("pred_x0", "salient_mask", "blurred_x0", "degraded_x_t")
 
-    def __init__(self, positions: Dict[int, int]):
-        self.positions = positions                     # batch position -> global sample index
-        self.columns: Dict[int, List[List[np.ndarray]]] = {i: [[] for _ in self.ROWS] for i in positions.values()}
-        self.steps: List[int] = []
-
-    def __call__(self, info) -> None:
-        if info.sag is None:
-            return
-        self.steps.append(int(info.t))
+    def pictures(self, info):
         s = info.sag
-        tensors = (s.first.pred_x0, s.salient_mask * 2 - 1, s.blurred_x0, s.degraded_x_t)
-        for pos, index in self.positions.items():
-            for row, tensor in zip(self.columns[index], tensors):
-                row.append(_to_uint8_image(tensor[pos]))
-
-    def write(self, directory: Path) -> None:
-        from .io import image_strip, write_png
-        for index, rows in self.columns.items():
-            if rows[0]:
-                text = {"rows": ",".join(self.ROWS), "columns_t": ",".join(map(str, self.steps))}
-                write_png(directory / f"sample_{index:06d}.png", image_strip(rows), text)
-
-
-def _callbacks(recorder, bar, num_steps: int):
-    """One sampling callback: the intermediate recorder and the step counter on the progress bar."""
-    if recorder is None and bar is None:
-        return None
-
-    def callback(info):
-        if recorder is not None:
-            recorder(info)
-        if bar is not None:
-            bar.set_postfix_str(f"step {info.index + 1}/{num_steps}", refresh=False)
-            bar.refresh()
-    return callback
+        if s is None:
+            return None
+        return (s.first.pred_x0, s.salient_mask * 2 - 1, s.blurred_x0, s.degraded_x_t)
 
 
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 
-def _known_errors() -> tuple:
-    from checkpoints_convert.errors import CheckpointError
-    from diffusion import DiffusionError
-    from unet import AttentionSiteError, ConfigError
-
-    from .guidance import GuidanceError
-    from .sampling import NonFiniteError
-    return (UsageError, CheckpointError, ConfigError, DiffusionError, GuidanceError, AttentionSiteError,
-            NonFiniteError)
-
-
 def _report(err: BaseException) -> None:
-    from checkpoints_convert.errors import one_line
-    print(f"{PROG}: error: {one_line(err, limit=1000)}", file=sys.stderr, flush=True)
+    report_error(PROG, err)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -949,7 +853,6 @@ def _sidecar(args, official, argv, ctx, resolved, settings, device, dtype_choice
     """Every setting of the run (samples.json)."""
     loaded = resolved.loaded
     n = args.num_samples
-    stamp = lambda t: _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")  # noqa: E731
     return _jsonable({
         "format": SIDECAR_FORMAT,
         "settings": settings,
@@ -978,8 +881,8 @@ def _sidecar(args, official, argv, ctx, resolved, settings, device, dtype_choice
         "versions": _versions(),
         "command": shlex.join([PROG, *argv]),
         "argv": list(argv),
-        "started": stamp(started),
-        "finished": stamp(finished),
+        "started": utc_iso(started),
+        "finished": utc_iso(finished),
         "seconds": round(finished - started, 3),
     })
 

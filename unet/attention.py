@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import GroupNorm32
-from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, OfficialCapture
+from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, OfficialCapture, apply_on_samples
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int, new_order: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +130,7 @@ def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weights.reshape(qkv.shape[0], num_heads, *weights.shape[1:])
 
 
-def _gaussian_blur_tokens(q: torch.Tensor, batch: int, height: int, width: int, sigma: float,
+def gaussian_blur_tokens(q: torch.Tensor, batch: int, height: int, width: int, sigma: float,
                           kernel_size: Optional[int]) -> torch.Tensor:
     """SEG's query blur: q [(B h) x d x T] viewed per channel as a (height x width) grid.
 
@@ -190,7 +190,7 @@ class AttentionBlock(nn.Module):
         if isinstance(request, IdentityAttention):
             return merge_heads(v, batch), None                 # A = I: each token keeps its own value
         if isinstance(request, BlurQueries):
-            q = _gaussian_blur_tokens(q, batch, height, width, request.sigma, request.kernel_size)
+            q = gaussian_blur_tokens(q, batch, height, width, request.sigma, request.kernel_size)
         attention_map = None
         if self.fused and not isinstance(request, Capture):
             a = fused_attention(q, k, v)
@@ -209,19 +209,7 @@ class AttentionBlock(nn.Module):
         assert channels == self.channels, f"AttentionBlock expects {self.channels} channels, got {channels}"
         x_flat = x.reshape(batch, channels, height * width)
         qkv = self.qkv(self.norm(x_flat))                                        # [B x 3C x T]
-        samples = getattr(request, "samples", None)
-        if samples is None or samples == slice(None):
-            a, attention_map = self._attend(qkv, request, height, width)
-        else:
-            start, stop, step = samples.indices(batch)
-            assert step == 1, "attention requests take a contiguous slice of the batch"
-            parts: List[torch.Tensor] = []
-            if start > 0:
-                parts.append(self._attend(qkv[:start], None, height, width)[0])
-            a_sel, attention_map = self._attend(qkv[start:stop], request, height, width)
-            parts.append(a_sel)
-            if stop < batch:
-                parts.append(self._attend(qkv[stop:], None, height, width)[0])
-            a = torch.cat(parts, dim=0)
+        a, attention_map = apply_on_samples(
+            lambda rows, rows_request: self._attend(qkv[rows], rows_request, height, width), request, batch)
         h = self.proj_out(a.to(qkv.dtype))
         return (x_flat + h).reshape(batch, channels, height, width), attention_map

@@ -15,17 +15,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, ADM order: [cos | sin].
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, *,
+                       flip_sin_to_cos: bool = True, freq_shift: float = 0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps; ADM order [cos | sin] by default.
 
-    freqs_i = exp(-ln(max_period) * i / half), i = 0..half-1;  emb = [cos(t * freqs), sin(t * freqs)].
+    freqs_i = exp(-ln(max_period) * i / (half - freq_shift)), i = 0..half-1;
+    emb = [cos(t * freqs), sin(t * freqs)], or [sin | cos] with ``flip_sin_to_cos=False``
+    (diffusers' ``Timesteps(flip_sin_to_cos, downscale_freq_shift)``; SD uses True, 0 = the ADM form).
     timesteps: [B] (int or float) -> [B x dim] float32.
     """
     assert timesteps.dim() == 1, f"timesteps must be 1-D, got shape {tuple(timesteps.shape)}"
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+                      / (half - freq_shift))
     args = timesteps[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    embedding = torch.cat(pair, dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -73,3 +73,26 @@ class BlurQueries:
 
 
 AttentionRequest = (Capture, OfficialCapture, IdentityAttention, BlurQueries)
+
+
+def apply_on_samples(run: Callable[[slice, object], Tuple[torch.Tensor, Optional[AttentionMap]]], request,
+                     batch: int) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
+    """Honour a request's ``samples`` slice: ``run(rows, request)`` on those rows of the batch,
+    ``run(rows, None)`` on the rows before and after, outputs concatenated along dim 0 (in order).
+
+    ``run`` gets a ``slice`` of the batch and returns (output rows, map or None); the map returned is the
+    request's (its batch covers the slice only). Used by every attention block (ADM and SD) alike.
+    """
+    samples = getattr(request, "samples", None)
+    if samples is None or samples == slice(None):
+        return run(slice(None), request)
+    start, stop, step = samples.indices(batch)
+    assert step == 1, "attention requests take a contiguous slice of the batch"
+    parts = []
+    if start > 0:
+        parts.append(run(slice(0, start), None)[0])
+    selected, attention_map = run(slice(start, stop), request)
+    parts.append(selected)
+    if stop < batch:
+        parts.append(run(slice(stop, batch), None)[0])
+    return torch.cat(parts, dim=0), attention_map
