@@ -200,15 +200,25 @@ def pairwise_distances(u, v, first_row_u: int = 0, first_row_v: int = 0) -> torc
     v = torch.as_tensor(v, dtype=torch.float32, device=u.device)
     assert u.ndim == 2 and v.ndim == 2 and u.shape[1] == v.shape[1], (u.shape, v.shape)
     u16, v16 = u.half(), v.half()
-    return _block_distances(u, v, u16, v16, _half_row_norms(u16, first_row_u), _half_row_norms(v16, first_row_v))
+    return _block_distances(u, v, u16, v16, _half_row_norms(u16, first_row_u), _half_row_norms(v16, first_row_v)).float()
+
+
+MATMUL_ROWS = 2048       # rows of a block whose float32 products exist at once (memory, not arithmetic)
 
 
 def _block_distances(u, v, u16, v16, norm_u16, norm_v16) -> torch.Tensor:
+    """One block: float16 distances [R x C] (half), or float32 ones when the float16 block is not finite."""
+    distances = torch.empty(len(u16), len(v16), dtype=torch.float16, device=u16.device)
+    columns = v16.float().T
+    with _ieee_float32_matmul(u16.device):
+        for start in range(0, len(u16), MATMUL_ROWS):
+            distances[start:start + MATMUL_ROWS] = (u16[start:start + MATMUL_ROWS].float() @ columns).half()
+    # in place, each step rounded to half: (|u|^2 + (-(2 u.v))) + |v|^2, then max(., 0)
+    distances.mul_(2).neg_().add_(norm_u16[:, None]).add_(norm_v16[None]).clamp_min_(0)
+    if bool(torch.isfinite(distances).all()):
+        return distances
+    del distances
     with _ieee_float32_matmul(u.device):
-        products = (u16.float() @ v16.float().T).half()
-        distances = ((norm_u16[:, None] - 2 * products) + norm_v16[None]).clamp_min(0)
-        if bool(torch.isfinite(distances).all()):
-            return distances.float()
         return _float32_distances(u, v)
 
 
@@ -262,9 +272,10 @@ def _radii(features: _BlockedFeatures, k: int) -> torch.Tensor:
         nearest = None
         for cols in features.blocks():
             block = features.distances(rows, features, cols)
+            candidates = torch.topk(block, min(k + 1, block.shape[1]), dim=1, largest=False).values.float()
             if nearest is not None:
-                block = torch.cat([nearest, block], dim=1)
-            nearest = torch.topk(block, min(k + 1, block.shape[1]), dim=1, largest=False, sorted=True).values
+                candidates = torch.cat([nearest, candidates], dim=1)
+            nearest = torch.topk(candidates, min(k + 1, candidates.shape[1]), dim=1, largest=False, sorted=True).values
         radii.append(nearest[:, k])
     return torch.cat(radii)
 

@@ -148,7 +148,7 @@ def test_float32_fallback_is_decided_per_block(monkeypatch):
     first = blocked.distances((0, 32), blocked, (32, 64))
     second = blocked.distances((32, 64), blocked, (32, 64))
     assert torch.equal(first, metrics._float32_distances(torch.from_numpy(ref[:32]), torch.from_numpy(ref[32:])))
-    assert torch.equal(second, metrics.pairwise_distances(ref[32:], ref[32:]))
+    assert second.dtype == torch.float16 and torch.equal(second.float(), metrics.pairwise_distances(ref[32:], ref[32:]))
 
 
 def test_inception_score_splits_and_zero_probabilities():
@@ -171,7 +171,7 @@ def test_frechet_offset_branch_and_argument_order():
         warnings.simplefilter("always")
         assert evaluate.frechet_distance(*sample, *ref) == pytest.approx(expected["value"], rel=1e-3)
         assert evaluate.frechet_distance(*ref, *sample) == pytest.approx(expected["value_reversed_order"], rel=1e-3)
-    assert sum("adding 1e-06" in str(w.message) for w in caught) == 2
+    assert sum("adding 1e-06" in str(w.message) for w in caught) == 1         # only (sample, ref) is non-finite
     # the rule is "offset only when sqrtm is not finite": without it the value would be 1.2e-3 away
     assert abs(expected["value_without_offset_eigvals"] / expected["value"] - 1) > 1e-3
 
@@ -300,3 +300,30 @@ def test_streamed_npz_batches_equal_the_array(tmp_path):
         save(tmp_path / "a.npz", arr_0=images, arr_1=np.arange(11))
         reader = evaluate.NpzImages(tmp_path / "a.npz")
         assert len(reader) == 11 and np.array_equal(np.concatenate(list(reader.batches(4))), images)
+
+
+def test_evaluate_npz_uses_stored_statistics_in_the_official_order(tmp_path, monkeypatch):
+    """ref_with_stats.npz: FID / sFID from the file's mu, sigma (not its images); P/R and IS from arr_0;
+    frechet_distance(sample..., reference...) as the official main() calls it."""
+    for name in ("ref_with_stats.npz", "sample.npz"):
+        (tmp_path / name).write_bytes((EVALUATOR / "e2e" / name).read_bytes())
+    pools = np.load(EVALUATOR / "e2e" / "features.npz")
+    rng = np.random.default_rng(3)
+    acts = {"ref_with_stats": pools["pool_e2e_ref"], "sample": pools["pool_e2e_sample"]}
+
+    def fixture_features(path, net, *args, **kwargs):
+        pool = acts[path.stem if hasattr(path, "stem") else str(path).rsplit("/", 1)[-1][:-4]]
+        return {"pool": pool, "spatial": rng.random((len(pool), 2023), dtype=np.float32),
+                "logits": pool @ random_inception_state()["fc.weight"].numpy().T}
+    calls = []
+    monkeypatch.setattr(evaluate, "read_activations", fixture_features)
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *args: calls.append(args) or 0.0)
+    result = evaluate.evaluate_npz(tmp_path / "ref_with_stats.npz", tmp_path / "sample.npz", net=FIDInception())
+    expected = config("e2e")["ref_with_precomputed_stats"]
+    assert (result["precision"], result["recall"]) == (expected["precision"], expected["recall"])
+    assert result["inception_score"] == pytest.approx(expected["inception_score"], rel=1e-3)
+    stored = np.load(tmp_path / "ref_with_stats.npz")
+    (fid_args, sfid_args) = calls
+    assert np.array_equal(fid_args[0], acts["sample"].mean(0)) and fid_args[0].dtype == np.float32
+    assert fid_args[2] is not None and np.array_equal(fid_args[2], stored["mu"]) and np.array_equal(fid_args[3], stored["sigma"])
+    assert np.array_equal(sfid_args[2], stored["mu_s"]) and np.array_equal(sfid_args[3], stored["sigma_s"])
