@@ -330,6 +330,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
 
 
+def _rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError):
+        return _peak_rss_mb()
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def bench_precision_recall(n: int, dim: int = 2048, device: str = "cpu", seed: int = 0) -> dict:
     """Time and peak memory of ``precision_recall`` on two random feature sets [n x dim] (run it in a fresh
     process for an honest peak: ``python -m sag.evaluate --bench-pr N``)."""
@@ -338,14 +352,14 @@ def bench_precision_recall(n: int, dim: int = 2048, device: str = "cpu", seed: i
     sample = torch.rand(n, dim, generator=generator).mul_(6).relu_()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    before = _peak_rss_mb()
+    before = _rss_mb()                    # resident now, with both feature sets in memory
     start = time.perf_counter()
     precision_recall(ref.to(device), sample.to(device), device=device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     out = {"n": n, "dim": dim, "device": device, "seconds": round(time.perf_counter() - start, 2),
            "features_mb": round(2 * n * dim * 4 / 2 ** 20, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
-           "peak_rss_above_inputs_mb": round(_peak_rss_mb() - before, 1)}
+           "peak_rss_above_inputs_mb": round(_peak_rss_mb() - before, 1), "load_average": _load_average()}
     if device.startswith("cuda"):
         out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return out
@@ -368,12 +382,13 @@ def bench(device: str = "cpu", batch_size: int = 64, images: int = 128, size: in
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"device": device, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+    result = {"device": device, "cpu": _cpu_name(), "threads": torch.get_num_threads(), "load_average": _load_average(),
               "features": {"images": done, "image_size": size, "resized_to": INPUT_SIZE, "batch_size": batch_size,
                            "seconds": round(seconds, 2), "images_per_s": round(done / seconds, 2),
                            "hours_for_60k": round(60_000 / (done / seconds) / 3600, 2)},
               "precision_recall": []}
-    log(json.dumps(result["features"]))
+    log(json.dumps(dict(result["features"], cpu=result["cpu"], threads=result["threads"],
+                        load_average=_load_average())))
     for n in pr_sizes:
         command = [sys.executable, "-m", "sag.evaluate", "--bench-pr", str(n), "--device", device]
         run = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
