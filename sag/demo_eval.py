@@ -13,6 +13,9 @@ data images (``demo_data`` seed 1; training used seed 0). A "data vs data" row (
 held-out sets of the same size) shows the distance expected from sampling noise alone.
 
     FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))          (float64, scipy.linalg.sqrtm)
+
+The Frechet distance (and the Inception Score / precision-recall helpers) are ``sag.metrics``, the
+functions ``python -m sag.evaluate`` uses for the ADM evaluator's numbers; only the feature network differs.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import demo_data
+from . import demo_data, metrics
+from .metrics import frechet_distance  # the ADM evaluator's rule, shared with sag.evaluate
 
 REFERENCE_SEED = 1          # held-out data: training used demo_data seed 0
 
@@ -95,33 +99,9 @@ def embed(net: FeatureNet, images: torch.Tensor, batch_size: int = 500) -> np.nd
 
 
 def statistics(features: np.ndarray):
-    """Mean [D] and covariance [D x D] (unbiased) of features [N x D], float64."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-    ``scipy.linalg.sqrtm`` of sigma1 @ sigma2; when the product is singular (the square root is not
-    finite) eps is added to both diagonals (as pytorch-fid does); an imaginary part left by rounding
-    is dropped when it is small, and is an error when it is not.
-    """
-    from scipy import linalg
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if isinstance(covmean, tuple):         # older scipy returned (sqrtm, error estimate) with disp=False
-        covmean = covmean[0]
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    """Mean [D] and covariance [D x D] (unbiased) of features [N x D], float64 (``sag.metrics.statistics``
+    on float64 features)."""
+    return metrics.statistics(np.asarray(features, dtype=np.float64))
 
 
 def default_rows():
