@@ -187,7 +187,9 @@ def unet_config_from_ldm(state_dict: Mapping, folder_config: Optional[Mapping] =
     def transformer_layers(prefix: str) -> int:
         return len({m.group(1) for k in unet if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))})
 
-    layers = [transformer_layers(f"input_blocks.{1 + i * per_level}.1.") if s.down_attention[i] else 1
+    # per level; the mid block uses the last entry (diffusers), so a level without attention gets the mid's count
+    mid_layers = transformer_layers("middle_block.1.")
+    layers = [transformer_layers(f"input_blocks.{1 + i * per_level}.1.") if s.down_attention[i] else mid_layers
               for i in range(s.levels)]
     inferred = {
         "in_channels": int(conv_in.shape[1]),

@@ -89,7 +89,7 @@ def official_sag_map(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weights.reshape(qkv.shape[0], num_heads, *weights.shape[1:])
 
 
-def _gaussian_blur_tokens(q: torch.Tensor, batch: int, height: int, width: int, sigma: float,
+def gaussian_blur_tokens(q: torch.Tensor, batch: int, height: int, width: int, sigma: float,
                           kernel_size: Optional[int]) -> torch.Tensor:
     """SEG's query blur: q [(B h) x d x T] viewed per channel as a (height x width) grid.
 
@@ -147,7 +147,7 @@ class AttentionBlock(nn.Module):
         if isinstance(request, IdentityAttention):
             return merge_heads(v, batch), None                 # A = I: each token keeps its own value
         if isinstance(request, BlurQueries):
-            q = _gaussian_blur_tokens(q, batch, height, width, request.sigma, request.kernel_size)
+            q = gaussian_blur_tokens(q, batch, height, width, request.sigma, request.kernel_size)
         attention_map = None
         if self.fused and not isinstance(request, Capture):
             a = fused_attention(q, k, v)

@@ -37,7 +37,6 @@ the explicit softmax, the same function to float rounding). Nothing is stored on
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -46,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import _gaussian_blur_tokens, attend, attention_weights, fused_attention
+from .attention import attend, attention_weights, fused_attention, gaussian_blur_tokens
 from .layers import timestep_embedding
 from .model import AttentionSiteError, UNetOutput
 from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, apply_on_samples
@@ -134,13 +133,14 @@ class SDUNetConfig:
                         if key not in known and key not in _MUST_BE_OFF and key not in _IGNORED
                         and value not in (None, False)]
         if unsupported:
-            raise ValueError(f"U-Net config: option(s) not used by SD 1.x/2.x and not supported: {', '.join(unsupported)}")
+            raise ValueError(f"U-Net config: option(s) not used by SD 1.x/2.x and not supported: "
+                             f"{', '.join(unsupported)}")
         levels = len(config.get("block_out_channels", cls.block_out_channels))
         for key in ("layers_per_block", "cross_attention_dim"):
             if isinstance(config.get(key), (list, tuple)):
                 raise ValueError(f"U-Net config: per-block {key} lists are not supported (SD 1.x/2.x use one value)")
         # diffusers' naming bug: attention_head_dim holds the number of heads; num_attention_heads wins if set
-        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
         values = {key: config[key] for key in known - {"attention_head_dim"} if key in config}
         values["num_attention_heads"] = _per_block(heads, levels)
         values["transformer_layers_per_block"] = _per_block(config.get("transformer_layers_per_block", 1), levels)
@@ -274,10 +274,10 @@ class Attention(nn.Module):
             return v, None                                   # A = I: each token keeps its own value
         q, k, v = (_to_heads(t, self.heads) for t in (q, k, v))
         if isinstance(request, BlurQueries):
-            q = _gaussian_blur_tokens(q, batch, grid[0], grid[1], request.sigma, request.kernel_size)
+            q = gaussian_blur_tokens(q, batch, grid[0], grid[1], request.sigma, request.kernel_size)
         if self.fused and not isinstance(request, Capture):
             return _from_heads(fused_attention(q, k, v), batch), None
-        if self.upcast:
+        if self.upcast or isinstance(request, Capture):     # a map someone reads: float32 logits too
             q, k = q.float(), k.float()
         weights = attention_weights(q, k)                    # [(b heads), N, S] float32
         attention_map = None
@@ -498,6 +498,7 @@ class SDUNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, c.block_out_channels[0], eps=eps)
         self.conv_out = nn.Conv2d(c.block_out_channels[0], c.out_channels, c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2)
+        self._sites = tuple(m.site for m in self.modules() if isinstance(m, BasicTransformerBlock))   # fixed names
 
     # -- properties the pipeline reads ------------------------------------------------------------------
 
@@ -528,12 +529,9 @@ class SDUNet(nn.Module):
 
     # -- the attention seam -------------------------------------------------------------------------------
 
-    def _transformer_blocks(self):
-        return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
-
     def self_attention_sites(self) -> Tuple[str, ...]:
         """Every self-attention module name, in forward order (down blocks, mid block, up blocks)."""
-        return tuple(block.site for block in self._transformer_blocks())
+        return self._sites
 
     @property
     def sag_site(self) -> str:
@@ -612,7 +610,8 @@ class SDUNet(nn.Module):
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(batch)
         if timesteps.shape != (batch,):
-            raise ValueError(f"timestep must be a number, a 0-d or a [{batch}] tensor, got shape {tuple(timesteps.shape)}")
+            raise ValueError(f"timestep must be a number, a 0-d or a [{batch}] tensor, "
+                             f"got shape {tuple(timesteps.shape)}")
         attention = dict(attention or {})
         self._check_requests(attention)
 
