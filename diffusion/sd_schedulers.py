@@ -178,7 +178,8 @@ class _Scheduler:
     prediction_types: tuple = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, config: Optional[dict] = None, **overrides):
-        """``config``: a scheduler_config.json dict (other classes' keys are ignored); ``overrides`` win."""
+        """``config``: a scheduler_config.json dict (keys this class does not read are kept, unused);
+        ``overrides`` replace its keys."""
         name = type(self).__name__
         defaults = {**_COMMON_DEFAULTS, **self.class_defaults}
         given = {**(config or {}), **overrides}
@@ -193,7 +194,10 @@ class _Scheduler:
         _require(name, options, "timestep_spacing", TIMESTEP_SPACINGS)
         _require(name, options, "prediction_type", self.prediction_types)
         self._validate(name, options)
-        self.config = options
+        # Like a diffusers scheduler's ``config``: the given keys (other classes' too, so that a swap such as
+        # scheduler_from_config(dict(s.config), "DDIMScheduler") keeps the folder's clip_sample false), the
+        # options this class reads with their defaults filled in, and its own class name.
+        self.config = {**given, **options, "_class_name": name}
         self.num_train_timesteps = T
         self.prediction_type = options["prediction_type"]
         betas = sd_betas(options["beta_schedule"], options["beta_start"], options["beta_end"], T,
