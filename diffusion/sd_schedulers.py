@@ -108,7 +108,9 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
     if spacing == "leading":
         return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / n)) - 1
+        # [:n]: for some n (61, 103, ...) float rounding gives arange an (n+1)-th value ≈ 0, i.e. a timestep −1
+        # that diffusers runs as an extra step on ᾱ[−1] (wrapped index); we keep the n real steps.
+        return (np.round(np.arange(T, 0, -T / n)) - 1)[:n]
     if spacing == "linspace":
         return np.linspace(0, T - 1, n)[::-1]
     raise DiffusionError(f"timestep_spacing {spacing!r} is not supported; supported: " + ", ".join(TIMESTEP_SPACINGS))

@@ -265,6 +265,8 @@ def test_timestep_spacings_and_defaults():
     ddim = DDIMScheduler(folder_config("ddim"), timestep_spacing="trailing")
     ddim.set_timesteps(4)
     assert ddim.timesteps.tolist() == [999, 749, 499, 249]
+    trailing_61 = spaced_timesteps("trailing", T, 61, 0)      # arange yields 62 values here (last ≈ 0)
+    assert len(trailing_61) == 61 and trailing_61[-1] == 15 and trailing_61[0] == 999
     ddim = DDIMScheduler(folder_config("ddim"), timestep_spacing="linspace")
     ddim.set_timesteps(4)
     assert ddim.timesteps.tolist() == [999, 666, 333, 0]
