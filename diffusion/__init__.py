@@ -1,6 +1,9 @@
 """Gaussian diffusion for the ADM / IDDPM U-Nets: schedules, respacing, posterior, DDPM and DDIM
 steps, classifier-guidance corrections and the training objective, matching openai/guided-diffusion
 @ 22e0df8 (and improved-diffusion @ 1bc7bbb) to float32 rounding.  Imports neither ``unet`` nor ``sag``.
+
+``diffusion.sd_schedulers`` (imported on its own): Stable Diffusion's DDIM / PNDM (PLMS) / Euler discrete
+schedulers from a diffusers ``scheduler_config.json``, equal to diffusers 0.42.
 """
 from .config import DiffusionConfig
 from .gaussian import (GaussianDiffusion, MeanVariance, ModelMeanType, ModelVarType, ScoreCondition,

@@ -108,7 +108,9 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
     if spacing == "leading":
         return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / n)) - 1
+        # [:n]: for some n (61, 103, ...) float rounding gives arange an (n+1)-th value ≈ 0, i.e. a timestep −1
+        # that diffusers runs as an extra step on ᾱ[−1] (wrapped index); we keep the n real steps.
+        return (np.round(np.arange(T, 0, -T / n)) - 1)[:n]
     if spacing == "linspace":
         return np.linspace(0, T - 1, n)[::-1]
     raise DiffusionError(f"timestep_spacing {spacing!r} is not supported; supported: " + ", ".join(TIMESTEP_SPACINGS))
@@ -178,7 +180,8 @@ class _Scheduler:
     prediction_types: tuple = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, config: Optional[dict] = None, **overrides):
-        """``config``: a scheduler_config.json dict (other classes' keys are ignored); ``overrides`` win."""
+        """``config``: a scheduler_config.json dict (keys this class does not read are kept, unused);
+        ``overrides`` replace its keys."""
         name = type(self).__name__
         defaults = {**_COMMON_DEFAULTS, **self.class_defaults}
         given = {**(config or {}), **overrides}
@@ -193,7 +196,10 @@ class _Scheduler:
         _require(name, options, "timestep_spacing", TIMESTEP_SPACINGS)
         _require(name, options, "prediction_type", self.prediction_types)
         self._validate(name, options)
-        self.config = options
+        # Like a diffusers scheduler's ``config``: the given keys (other classes' too, so that a swap such as
+        # scheduler_from_config(dict(s.config), "DDIMScheduler") keeps the folder's clip_sample false), the
+        # options this class reads with their defaults filled in, and its own class name.
+        self.config = {**given, **options, "_class_name": name}
         self.num_train_timesteps = T
         self.prediction_type = options["prediction_type"]
         betas = sd_betas(options["beta_schedule"], options["beta_start"], options["beta_end"], T,

@@ -68,6 +68,12 @@ def test_model_index_names_the_folder_scheduler_and_overrides_switch_class():
     pndm = scheduler_from_config(config, "PNDMScheduler", skip_prk_steps=True)
     pndm.set_timesteps(4)
     assert pndm.timesteps.tolist() == [751, 501, 501, 251, 1]
+    # A swap through another scheduler's config keeps the folder's keys (as diffusers' .config does): Euler
+    # does not read clip_sample, yet DDIM built from Euler's config must not fall back to its default True.
+    euler = scheduler_from_config(config, "EulerDiscreteScheduler")
+    assert euler.config["_class_name"] == "EulerDiscreteScheduler" and euler.config["timestep_spacing"] == "leading"
+    ddim = scheduler_from_config(dict(euler.config), "DDIMScheduler")
+    assert ddim.config["clip_sample"] is False and ddim.config["set_alpha_to_one"] is False
 
 
 # ------------------------------------------------------------------ recorded steps replayed
@@ -259,6 +265,8 @@ def test_timestep_spacings_and_defaults():
     ddim = DDIMScheduler(folder_config("ddim"), timestep_spacing="trailing")
     ddim.set_timesteps(4)
     assert ddim.timesteps.tolist() == [999, 749, 499, 249]
+    trailing_61 = spaced_timesteps("trailing", T, 61, 0)      # arange yields 62 values here (last ≈ 0)
+    assert len(trailing_61) == 61 and trailing_61[-1] == 15 and trailing_61[0] == 999
     ddim = DDIMScheduler(folder_config("ddim"), timestep_spacing="linspace")
     ddim.set_timesteps(4)
     assert ddim.timesteps.tolist() == [999, 666, 333, 0]

@@ -2,7 +2,9 @@
 
 A forward takes ``attention={site: request}``; a site is named by the official indices
 (``"input.4"``, ``"middle"``, ``"output.2"``: ``input_blocks[4][1]``, ``middle_block[1]``,
-``output_blocks[2][1]``). Requests are frozen values; the model never stores them.
+``output_blocks[2][1]``); the SD U-Net (``unet/sd_unet.py``) names its self-attention modules as diffusers
+does (``"mid_block.attentions.0.transformer_blocks.0.attn1"``). Requests are frozen values; the model never
+stores them.
 
 * :class:`Capture` -- compute the block's softmax weights explicitly and return them, with the
   block's own head count and qkv layout (the paper's math).
