@@ -1,5 +1,5 @@
-"""Output files of ``sag-sample``: the ADM-evaluator npz, per-batch shards, the PNG grid, intermediate
-strips and the JSON sidecar, all written atomically.
+"""Output files of the sampling commands (``sag-sample``, ``python -m sag.sd``): the ADM-evaluator npz,
+per-batch shards, the PNG grid, intermediate strips and the JSON sidecar, all written atomically.
 
 Formats (ECOSYSTEM.md sections 1.1 and 6; DESIGN.md "Names and formats"):
 

@@ -197,6 +197,13 @@ def test_missing_model_and_missing_part_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    code = main(sd_args(taken))
+    assert_one_line_error(code, capsys.readouterr().err, "--out", "not a folder")
+
+
 def test_module_entry_point(tmp_path):
     """``python -m sag.sd`` runs sag/sd/cli.py: one stderr line and status 2 for a missing folder."""
     proc = subprocess.run([sys.executable, "-m", "sag.sd", "a cat", "--model", str(tmp_path / "missing"),

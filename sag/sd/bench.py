@@ -7,7 +7,8 @@ CFG, with SAG + CFG and with PAG + CFG, side by side in one run on the same U-Ne
                from the uncond half (explicit softmax in that one block), then the degraded pass of B;
                the floor is 1.5x CFG;
 * ``pag_cfg``  PAG + CFG batched: one pass of 3B ([uncond; cond; cond-perturbed], identity attention
-               at the mid block), the layers before the first perturbed block shared.
+               at the mid block; unlike the ADM U-Net, the SD U-Net computes the cond rows' layers before
+               the mid block twice: it has no ``copies`` prefix sharing yet).
 
 Each step is what the pipeline runs per denoising step: ``sag.sd.guided_output`` (the guidance
 protocol) and the DDIM ``scheduler.step``. Every attention block whose map nobody reads runs fused
@@ -54,7 +55,7 @@ TEXT_TOKENS = 77
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = {"cond": "one conditional pass of B", "cfg": "CFG 7.5, one pass of 2B",
            "sag_cfg": "SAG 0.75 + CFG 7.5: 2B (mid map from the uncond half) + B degraded",
-           "pag_cfg": "PAG 3.0 (mid) + CFG 7.5: one pass of 3B, shared prefix"}
+           "pag_cfg": "PAG 3.0 (mid) + CFG 7.5: one pass of 3B"}
 TARGET_SAG_VS_CFG = 1.55
 
 

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="write side_by_side.png: the first 8 samples without and with SAG / PAG / SEG, same seeds "
                         "(default on)")
-    p.add_argument("--save-intermediates", nargs="?", type=int, const=-1, default=0, metavar="K",
+    p.add_argument("--save-intermediates", nargs="?", type=int, const=math.inf, default=0, metavar="K",
                    help="PNG strips of the salient mask per SAG step for the first K samples (all without K)")
     p.add_argument("--out", default="samples/sd", help="output folder (default samples/sd)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default on)")
@@ -136,10 +136,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError(f"{' and '.join(chosen)} together: choose one of SAG, PAG and SEG (each runs with or without CFG)")
     if min(args.sag_scale, args.pag_scale, args.seg_scale) < 0:
         raise UsageError("--sag-scale / --pag-scale / --seg-scale must be >= 0 (0 = off)")
-    if args.save_intermediates == -1:
-        args.save_intermediates = args.num_samples
-    elif args.save_intermediates < 0:
+    if args.save_intermediates < 0:
         raise UsageError(f"--save-intermediates must be >= 0, got {args.save_intermediates}")
+    args.save_intermediates = int(min(args.save_intermediates, args.num_samples))   # bare flag: every sample
     if args.save_intermediates and args.sag_scale == 0:
         raise UsageError("--save-intermediates records SAG's salient mask; it needs --sag-scale > 0")
     if not _layers(args.pag_layers) or not _layers(args.seg_layers):
@@ -157,11 +156,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 # The pipeline
 # ------------------------------------------------------------------------------------------------
-
-def _sd_errors() -> tuple:
-    """One-line errors of the SD loading and pipeline layers (reported like the ADM command's)."""
-    return known_errors()
-
 
 def load(args, device: torch.device):
     """The pipeline of ``--model`` on ``device`` in ``--dtype`` (VAE in float32), with ``--scheduler``."""
@@ -232,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         return run(args, argv)
-    except _sd_errors() as err:
+    except known_errors() as err:            # the SD layers raise CheckpointError / GuidanceError / DiffusionError
         report_error(PROG, err)
         return 2
 
@@ -250,6 +244,10 @@ def run(args, argv: Sequence[str]) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     pipe = load(args, device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out}: {err.strerror or err}") from None
     call = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                 num_inference_steps=args.steps, eta=args.eta, **guidance_kwargs(args))
     guided = any(call[k] != 0 for k in ("sag_scale", "pag_scale", "seg_scale"))
