@@ -35,7 +35,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -116,8 +116,8 @@ def _check_images(images, what: str = "images") -> None:
     shape, dtype = tuple(images.shape), images.dtype
     if len(shape) != 4 or shape[-1] != 3 or dtype not in (np.uint8, torch.uint8):
         raise EvaluationError(f"{what} must be uint8 [N x H x W x 3] (NHWC, 0..255), got {dtype} {shape}")
-    if shape[1] < 2 or shape[2] < 2:
-        raise EvaluationError(f"{what} are {shape[1]} x {shape[2]} pixels; the evaluator needs at least 2 x 2")
+    if shape[1] < 1 or shape[2] < 1:
+        raise EvaluationError(f"{what} have no pixels ({shape[1]} x {shape[2]})")
 
 
 @torch.no_grad()

@@ -85,7 +85,7 @@ def test_tf1_resize_is_bit_identical_to_the_recorded_op():
     assert np.array_equal(resized, np.load(EVALUATOR / "network" / "features.npz")["resized0_b32"])
 
 
-@pytest.mark.parametrize("height, width", [(37, 53), (300, 301), (299, 299), (2, 5)])
+@pytest.mark.parametrize("height, width", [(37, 53), (300, 301), (299, 299), (2, 5), (1, 7)])
 def test_tf1_resize_rule_on_odd_sizes(height, width):
     """Any size: source coordinate i * (in / out) in float32 (no half-pixel shift), edge clamped; the
     interpolation itself checked against a float64 reference."""
