@@ -356,3 +356,19 @@ def test_real_sd_configs_build_the_published_networks(config, parameters):
     inferred = unet_config_from_ldm(single)
     assert inferred["attention_head_dim"] == config["attention_head_dim"]
     assert inferred["use_linear_projection"] == config.get("use_linear_projection", False)
+
+
+def test_captured_map_has_float32_logits_under_cpu_bfloat16_autocast():
+    """Under autocast the projections run in bfloat16, but a map someone reads (SAG's mask) is the softmax
+    of float32 logits of those bfloat16 q, k (as on the ADM U-Net), not of bfloat16 logits."""
+    from unet.sd_unet import Attention
+    torch.manual_seed(0)
+    block = Attention(query_dim=64, heads=4, context_dim=None, upcast=False, dropout=0.0).eval()
+    x = torch.randn(2, 36, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, captured = block(x, request=Capture(), grid=(6, 6))
+        q, k = block.to_q(x), block.to_k(x)                       # bfloat16, as the block computes them
+    assert q.dtype == torch.bfloat16 and captured.probs.dtype == torch.float32
+    q, k = (t.float().reshape(2, 36, 4, 16).transpose(1, 2) for t in (q, k))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16), dim=-1)
+    assert max_err(captured.probs, expected) <= 1e-6

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend, attention_weights, fused_attention, gaussian_blur_tokens
+from .attention import attend, attention_weights, captured_attention_weights, fused_attention, gaussian_blur_tokens
 from .layers import timestep_embedding
 from .model import AttentionSiteError, UNetOutput
 from .seam import AttentionMap, BlurQueries, Capture, IdentityAttention, apply_on_samples
@@ -277,13 +277,13 @@ class Attention(nn.Module):
             q = gaussian_blur_tokens(q, batch, grid[0], grid[1], request.sigma, request.kernel_size)
         if self.fused and not isinstance(request, Capture):
             return _from_heads(fused_attention(q, k, v), batch), None
-        if self.upcast or isinstance(request, Capture):     # a map someone reads: float32 logits too
-            q, k = q.float(), k.float()
-        weights = attention_weights(q, k)                    # [(b heads), N, S] float32
-        attention_map = None
-        if isinstance(request, Capture):
+        if isinstance(request, Capture):                     # a map someone reads: float32 logits, also under autocast
+            weights = captured_attention_weights(q, k)       # [(b heads), N, S] float32
             attention_map = AttentionMap(weights.reshape(batch, self.heads, *weights.shape[1:]), grid[0], grid[1])
-        return _from_heads(attend(weights, v), batch), attention_map
+            return _from_heads(attend(weights, v), batch), attention_map
+        if self.upcast:
+            q, k = q.float(), k.float()
+        return _from_heads(attend(attention_weights(q, k), v), batch), None
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, request=None,
                 grid: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, Optional[AttentionMap]]:
