@@ -246,6 +246,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     active: bool = False
+    in_step: bool = False   # every rank passed the last collective and will reach close(): leave together
 
     @classmethod
     def from_env(cls) -> "Dist":
@@ -284,6 +285,10 @@ class Dist:
     def close(self) -> None:
         if self.active:
             import torch.distributed as dist
+            if self.in_step:
+                # A rank that tears gloo down while another still works can abort ("terminate called
+                # without an active exception"); once every rank is known to reach close(), wait for all.
+                dist.barrier()
             dist.destroy_process_group()
             self.active = False
 
@@ -760,6 +765,7 @@ def _run(args, official: Dict[str, str], argv: Sequence[str], ctx: Dist) -> int:
         status = err
     # Every rank learns whether any failed; the lowest failing rank alone reports (one line in all).
     failed = [r for r, s in enumerate(ctx.gather(None if status is None else str(status))) if s is not None]
+    ctx.in_step = True                           # no collective follows: every rank goes straight to close()
     if failed:
         if ctx.rank == failed[0]:
             raise status
