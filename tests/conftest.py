@@ -45,3 +45,17 @@ def one_thread():
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES
+
+
+def one_line_error_check(prog: str):
+    """An assert for the CLIs' error contract: exit status 2 and one line ``{prog}: error: ...`` holding
+    every fragment, no traceback. Used as ``assert_one_line_error(code, err, *fragments)``."""
+    def assert_one_line_error(code, err, *fragments):
+        assert code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"{prog}: error: "), err
+        assert "Traceback" not in err
+        for fragment in fragments:
+            assert fragment in lines[0], lines[0]
+    return assert_one_line_error

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error_check
 from sag.sample import NO_MODEL_MESSAGE, main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -56,14 +57,7 @@ def npz_files(folder: Path) -> list:
     return sorted(Path(folder).glob("*.npz")) if Path(folder).exists() else []
 
 
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sag-sample: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+assert_one_line_error = one_line_error_check("sag-sample")
 
 
 # ---------------------------------------------------------------------------------------------

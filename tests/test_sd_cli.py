@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error_check
 from sag.sd.cli import main
 
 FOLDER = Path(__file__).parent / "fixtures" / "diffusers" / "sd15_tiny"
@@ -39,14 +40,7 @@ def png(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sag.sd: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+assert_one_line_error = one_line_error_check("sag.sd")
 
 
 def main_one_thread(args) -> int:
